@@ -1,0 +1,141 @@
+"""Typed, validated, frozen configuration.
+
+Every knob of a run lives in one of these dataclasses. Each validates itself in
+``__post_init__`` and raises :class:`ConfigError` with the field name and what to
+change, so a bad config fails on the driver before any cluster resource is used.
+The CLI and job files only fill these objects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+METHODS = ("clip", "cupl", "wca", "lgca")
+PRECISIONS = ("fp32", "fp16", "bf16")
+AGGREGATIONS = ("mean", "last")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def parse_aggregation(value: str, steps: int) -> tuple[float, ...]:
+    """Turn an aggregation spec into step weights ``a_0 .. a_T``.
+
+    ``mean`` gives ``1/(T+1)`` each, ``last`` puts all weight on step T, and a
+    comma-separated list of T+1 numbers gives explicit weights.
+    """
+    if value == "mean":
+        return tuple(1.0 / (steps + 1) for _ in range(steps + 1))
+    if value == "last":
+        return tuple(0.0 for _ in range(steps)) + (1.0,)
+    try:
+        weights = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"aggregation: {value!r} is not 'mean', 'last' or a comma-separated list of numbers"
+        ) from None
+    _require(len(weights) == steps + 1, "aggregation",
+             f"{len(weights)} weights given, but steps={steps} needs {steps + 1} (one per step 0..T)")
+    _require(all(math.isfinite(w) for w in weights), "aggregation", "weights must be finite numbers")
+    return weights
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    """Parameters of the four scoring methods (symbols of METHOD.md in comments)."""
+
+    method: str = "lgca"  # which method's score gives the label: clip, cupl, wca, lgca
+    crops: int = 60  # N, random square crops per image
+    alpha: float = 0.5  # smallest crop side as a fraction of min(H, W)
+    beta: float = 0.9  # largest crop side as a fraction of min(H, W)
+    lambda_v: float = math.e ** 4  # temperature of the crop weights w_i
+    lambda_t: float = math.e ** 2  # temperature of the description weights v_cj
+    steps: int = 3  # T, LGCA expansion steps
+    expand_top: int = 6  # K, crops expanded per step
+    expand_ratio: float = 1.25  # r, side-length growth per expansion
+    aggregation: str = "mean"  # 'mean', 'last', or T+1 comma-separated step weights
+    top_k: int = 5  # labels and scores kept per image and per step
+    seed: int = 0  # run seed; crops of an image depend only on (seed, image id)
+    encode_batch_size: int = 256  # images per image-encoder forward pass
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        _require(self.crops >= 1, "crops", f"must be at least 1, got {self.crops}")
+        _require(0.0 < self.alpha <= self.beta <= 1.0, "alpha/beta",
+                 f"need 0 < alpha <= beta <= 1, got alpha={self.alpha}, beta={self.beta}")
+        _require(self.lambda_v > 0 and math.isfinite(self.lambda_v), "lambda_v", "must be a positive number")
+        _require(self.lambda_t > 0 and math.isfinite(self.lambda_t), "lambda_t", "must be a positive number")
+        _require(self.steps >= 0, "steps", f"must be 0 or more, got {self.steps}")
+        _require(1 <= self.expand_top <= self.crops, "expand_top",
+                 f"must be between 1 and crops={self.crops}, got {self.expand_top}")
+        _require(self.expand_ratio >= 1.0, "expand_ratio", f"must be at least 1, got {self.expand_ratio}")
+        _require(self.top_k >= 1, "top_k", f"must be at least 1, got {self.top_k}")
+        _require(self.seed >= 0, "seed", f"must be a non-negative integer, got {self.seed}")
+        _require(self.encode_batch_size >= 1, "encode_batch_size", "must be at least 1")
+        parse_aggregation(self.aggregation, self.steps)
+
+    @property
+    def step_weights(self) -> tuple[float, ...]:
+        """The aggregation weights ``a_0 .. a_T``."""
+        return parse_aggregation(self.aggregation, self.steps)
+
+    @property
+    def needs_crops(self) -> bool:
+        """wca and lgca score crops; clip and cupl need only the full view."""
+        return self.method in ("wca", "lgca")
+
+    def encoder_inputs_per_image(self) -> int:
+        """Image-encoder inputs per image: 1 (clip/cupl), 1+N (wca), 1+N+T*K (lgca)."""
+        if self.method == "lgca":
+            return 1 + self.crops + self.steps * self.expand_top
+        return 1 + self.crops if self.method == "wca" else 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which CLIP model to load and how to run it."""
+
+    name: str = "ViT-B-32"  # open_clip model name, or path to an open_clip model-config JSON
+    pretrained: str = "openai"  # open_clip tag, local checkpoint, fsspec URI, or 'none'
+    device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'
+    precision: str = "fp32"  # fp32, fp16 or bf16
+    cache_dir: str = ""  # where remote checkpoints are cached; '' means ~/.cache/lgca
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "model", "must name an open_clip model or a config JSON")
+        _require(bool(self.pretrained.strip()), "pretrained",
+                 "must be a tag, a checkpoint path or URI, or 'none' for random weights")
+        _require(self.precision in PRECISIONS, "precision",
+                 f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        ok_device = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit())
+        _require(ok_device, "device", f"{self.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _require(not (self.device == "cpu" and self.precision == "fp16"), "precision",
+                 "fp16 needs a GPU; use fp32 or bf16 on the CPU")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Where the class names, descriptions and prompt templates come from."""
+
+    classes: str  # a text file (one class a line), a JSON list file, or inline "cat,dog"
+    descriptions: str = ""  # CuPL or descriptor JSON file; '' uses the prompts as descriptions
+    descriptions_format: str = "auto"  # 'cupl', 'descriptors' or 'auto' (detected from content)
+    templates: str = ""  # JSON list of '{}' templates; '' means ["a photo of a {}."]
+
+    def __post_init__(self) -> None:
+        _require(bool(self.classes.strip()), "classes", "give a file of class names or a comma-separated list")
+        _require(self.descriptions_format in ("auto", "cupl", "descriptors"), "descriptions_format",
+                 f"{self.descriptions_format!r} is not 'auto', 'cupl' or 'descriptors'")
+
+
+def to_dict(config: object) -> dict:
+    """A JSON-ready dict of a config dataclass, for run metadata."""
+    return dataclasses.asdict(config)  # type: ignore[arg-type]
