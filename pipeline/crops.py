@@ -1,0 +1,83 @@
+"""Batched crop cutting and resizing on the model's device.
+
+All crops of all images in a batch are cut with ``torchvision.ops.roi_align`` from one
+padded tensor: bilinear sampling with an adaptive number of samples per output pixel,
+which averages (anti-aliases) when a crop is larger than the model input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The model's input preprocessing, read from the loaded model (never constants)."""
+
+    image_size: int  # square model input side in pixels
+    mean: tuple[float, float, float]  # per-channel mean of [0, 1] pixels
+    std: tuple[float, float, float]  # per-channel std of [0, 1] pixels
+    interpolation: str = "bicubic"  # the model's resize filter (crops here use roi_align)
+    resize_mode: str = "shortest"  # 'shortest' (resize + centre crop) or 'squash'
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ValueError(
+                f"resize_mode {self.resize_mode!r} is not supported; models with 'shortest' or "
+                "'squash' preprocessing can be used")
+
+
+@dataclass
+class PixelBatch:
+    """Decoded images of one batch, padded into one tensor on the device.
+
+    ``pixels``: float32 ``[B, 3, Hmax, Wmax]`` in 0..255, each image padded by
+    replicating its edge (so sampling near a border equals clamping to that image).
+    ``scale``: ``[B, 2]`` as ``(sy, sx)``, working-copy pixels per original pixel.
+    """
+
+    pixels: torch.Tensor
+    scale: torch.Tensor
+
+
+def pad_batch(images: list[np.ndarray], sizes: list[tuple[int, int]], device: torch.device) -> PixelBatch:
+    """Move uint8 ``[h, w, 3]`` working copies to ``device`` and pad them to one tensor.
+
+    ``sizes`` are the original ``(H, W)`` of each image; the working copy may be a
+    downscaled copy of it, and boxes given in original coordinates are rescaled.
+    """
+    max_h = max(image.shape[0] for image in images)
+    max_w = max(image.shape[1] for image in images)
+    padded = []
+    for image in images:
+        chw = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()
+        pad = (0, max_w - chw.shape[2], 0, max_h - chw.shape[1])
+        padded.append(F.pad(chw[None], pad, mode="replicate")[0] if any(pad) else chw)
+    scale = torch.tensor(
+        [[image.shape[0] / h, image.shape[1] / w] for image, (h, w) in zip(images, sizes)],
+        dtype=torch.float32, device=device)
+    return PixelBatch(pixels=torch.stack(padded), scale=scale)
+
+
+def cut_crops(batch: PixelBatch, image_index: torch.Tensor, boxes: torch.Tensor,
+              preprocess: Preprocess, dtype: torch.dtype) -> torch.Tensor:
+    """Cut, resize and normalise crops, ready for ``encode_image``.
+
+    ``image_index``: long ``[M]``, the image each box belongs to; ``boxes``: ``[M, 4]``
+    in original-image coordinates. Returns ``[M, 3, S, S]`` in ``dtype``, normalised
+    with the model's mean and std.
+    """
+    index = image_index.to(batch.pixels.device)
+    scale = batch.scale[index]
+    scaled = boxes.to(batch.pixels.device, torch.float32) * scale[:, [1, 0, 1, 0]]
+    rois = torch.cat([index[:, None].float(), scaled], dim=1)
+    size = preprocess.image_size
+    crops = roi_align(batch.pixels, rois, output_size=(size, size), spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=True)
+    mean = torch.tensor(preprocess.mean, device=crops.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(preprocess.std, device=crops.device).view(1, 3, 1, 1) * 255.0
+    return ((crops - mean) / std).to(dtype)
