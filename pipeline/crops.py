@@ -13,22 +13,32 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from .config import ConfigError
+
+RESIZE_MODES = ("shortest", "squash")
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """The model's input preprocessing, read from the loaded model (never constants)."""
+    """How images must be prepared for the model, as the loaded model states it."""
 
-    image_size: int  # square model input side in pixels
-    mean: tuple[float, float, float]  # per-channel mean of [0, 1] pixels
-    std: tuple[float, float, float]  # per-channel std of [0, 1] pixels
-    interpolation: str = "bicubic"  # the model's resize filter (crops here use roi_align)
-    resize_mode: str = "shortest"  # 'shortest' (resize + centre crop) or 'squash'
+    image_size: int  # square model input side (pixels)
+    mean: tuple[float, float, float]  # per-channel RGB mean, on pixel values scaled to [0, 1]
+    std: tuple[float, float, float]  # per-channel RGB standard deviation, same scale
+    interpolation: str = "bicubic"  # the model's resize filter; crops here use roi_align
+    resize_mode: str = "shortest"  # 'shortest' (short side to size, centre crop) or 'squash'
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in ("shortest", "squash"):
-            raise ValueError(
-                f"resize_mode {self.resize_mode!r} is not supported; models with 'shortest' or "
-                "'squash' preprocessing can be used")
+        if self.image_size < 1:
+            raise ConfigError(f"preprocess: image_size must be positive, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError(f"preprocess: mean and std need 3 (RGB) values, got {self.mean} and {self.std}")
+        if not all(s > 0 for s in self.std):
+            raise ConfigError(f"preprocess: std values must be positive, got {self.std}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(
+                f"preprocess: resize_mode {self.resize_mode!r} is not supported; "
+                f"available: {', '.join(RESIZE_MODES)}")
 
 
 @dataclass
@@ -54,7 +64,7 @@ def pad_batch(images: list[np.ndarray], sizes: list[tuple[int, int]], device: to
     max_w = max(image.shape[1] for image in images)
     padded = []
     for image in images:
-        chw = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()
+        chw = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).to(device).permute(2, 0, 1).float()
         pad = (0, max_w - chw.shape[2], 0, max_h - chw.shape[1])
         padded.append(F.pad(chw[None], pad, mode="replicate")[0] if any(pad) else chw)
     scale = torch.tensor(

@@ -204,3 +204,60 @@ def test_clip_only_runs_report_no_crop_scores():
     assert result.wca is None and result.lgca is None
     with pytest.raises(ValueError, match="not computed"):
         result.method("lgca")
+
+
+# ---- the paper's Figure 1 case with an interpretable encoder ----------------------------
+
+class BlueShareEncoder(torch.nn.Module):
+    """Embeds a region by its share of blue pixels, as an angle on the unit circle.
+
+    A region with blue share ``f`` maps to ``(cos θ, sin θ)`` with ``θ = f / 0.3 * 90°``;
+    a colour word maps to the angle of the share it names. Pixels reach it normalised
+    with mean 0.5 and std 0.5, so the blue channel is -1 (red) or +1 (blue).
+    """
+
+    SHARES = {"purple": 0.3, "crimson": 0.2}
+
+    @staticmethod
+    def angle(share: torch.Tensor) -> torch.Tensor:
+        theta = share * (math.pi / 2) / 0.3
+        return torch.stack([theta.cos(), theta.sin()], dim=-1)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[list(self.SHARES).index(t)] for t in texts])
+
+    def encode_image(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.angle((crops[:, 2].float().mean(dim=(1, 2)) + 1) / 2)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.angle(torch.tensor(list(self.SHARES.values()))[tokens[:, 0]])
+
+
+def purple_picture(size: int = 120, stripe: int = 18) -> np.ndarray:
+    """Red in the middle, a blue stripe down each side: 30% blue overall ('purple').
+
+    No crop narrower than ``size - 2 * stripe`` sees both stripes, so every crop is
+    redder than the whole ('crimson'); only crops grown towards the full view are purple.
+    """
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[:] = (255, 0, 0)
+    image[:, :stripe] = image[:, size - stripe:] = (0, 0, 255)
+    return image
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_figure1_expansion_moves_the_decision_from_the_crops_to_the_whole(seed):
+    encoder = BlueShareEncoder()
+    names = list(BlueShareEncoder.SHARES)
+    params = ScoringParams(alpha=0.65, beta=0.8, expand_ratio=1.5, seed=seed)
+    preprocess = RAW.__class__(image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3)
+    engine = Engine(encoder, encoder.tokenize, names, [[n] for n in names], [[], []], params,
+                    preprocess, torch.device("cpu"))
+    result = engine.score([ImageInput("figure-1", purple_picture(), 120, 120)])
+    label = {m: names[int(result.method(m)[0].argmax())] for m in ("clip", "wca", "lgca")}
+    assert label == {"clip": "purple", "wca": "crimson", "lgca": "purple"}
+    # step 0 is WCA; by the last step the most weighted crop spans both stripes
+    assert names[int(result.steps[0, 0].argmax())] == "crimson"
+    assert names[int(result.steps[-1, 0].argmax())] == "purple"
+    top = result.boxes[-1, 0, int(result.weights[-1, 0].argmax())]
+    assert top[0] < 18 and top[2] > 102

@@ -1,0 +1,292 @@
+"""Load an open_clip model with its tokenizer and preprocessing.
+
+A :class:`~pipeline.config.ModelConfig` names the architecture (an open_clip
+model name, or a path to an open_clip model-config JSON) and the weights: an
+open_clip pretrained tag, a local checkpoint file, an fsspec URI that is fetched
+once into a local cache, or ``none`` for random weights. Everything the scoring
+code needs to know about the model -- its input size, normalisation, tokenizer,
+device and dtype -- is read from the loaded model and returned in one
+:class:`LoadedModel`; nothing here copies preprocessing constants.
+
+The builtin configs in ``pipeline/model_configs`` (``lgca-tiny``, a very small
+ViT CLIP for tests) are registered with open_clip by
+:func:`register_builtin_configs`, which the public functions call explicitly.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import fsspec
+import open_clip
+import torch
+
+from .config import ConfigError, ModelConfig
+from .crops import Preprocess
+
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
+REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+# Our precision names -> open_clip's: the 'pure_' variants cast every weight.
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "fp16": "pure_fp16", "bf16": "pure_bf16"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_HASH_CHUNK = 1 << 20
+
+
+def preprocess_from_model(model: torch.nn.Module) -> Preprocess:
+    """Read the preprocessing open_clip stored on ``model`` (``get_model_preprocess_cfg``)."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    missing = [k for k in ("size", "mean", "std", "interpolation", "resize_mode") if k not in cfg]
+    if missing:
+        raise ConfigError(
+            f"model: its preprocess config lacks {', '.join(missing)}; build it with open_clip.create_model")
+    return Preprocess(
+        image_size=_square_side(cfg["size"], "preprocess"),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=str(cfg["interpolation"]),
+        resize_mode=str(cfg["resize_mode"]),
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-use model and everything needed to feed it."""
+
+    model: torch.nn.Module  # open_clip model in eval mode, on `device`, weights in `dtype`
+    tokenizer: Callable[[list[str]], torch.Tensor]  # texts -> [n, context_length] token ids
+    preprocess: Preprocess
+    device: torch.device
+    dtype: torch.dtype
+    name: str  # open_clip model name as resolved (a config JSON path becomes its stem)
+    pretrained: str  # the pretrained value as given
+    checkpoint_sha256: str | None  # sha256 of the checkpoint file used; None for tags and 'none'
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Where the weights come from; neither field set means random weights."""
+
+    tag: str | None  # open_clip pretrained tag, downloaded by open_clip
+    checkpoint: Path | None  # local checkpoint file
+
+
+def _square_side(size: Any, where: str) -> int:
+    """The side of a square image size given as an int or an (h, w) pair."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+        return int(size[0])
+    raise ConfigError(f"{where}: model input size {size!r} is not square; only square inputs are supported")
+
+
+def _register_config_file(path: Path) -> str:
+    """Register one model-config JSON with open_clip and return its model name (the stem).
+
+    Registering the same content twice is a no-op; a different architecture under
+    an already registered name is refused rather than silently replacing it.
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model: {path} is not valid JSON: {err}") from err
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ConfigError(f"model: {path} is not an open_clip model config; missing keys: {', '.join(missing)}")
+    name = path.stem
+    registered = open_clip.get_model_config(name)
+    if registered is None:
+        open_clip.add_model_config(path)
+    elif registered != config:
+        raise ConfigError(
+            f"model: {path} defines a different architecture for the already registered "
+            f"model {name!r}; rename the file")
+    return name
+
+
+def register_builtin_configs() -> None:
+    """Register ``pipeline/model_configs/*.json`` with open_clip (idempotent)."""
+    for path in sorted(BUILTIN_CONFIG_DIR.glob("*.json")):
+        _register_config_file(path)
+
+
+def resolve_model_name(name: str) -> str:
+    """The open_clip model name for ``name``: a registered name or a model-config JSON path.
+
+    A JSON path is registered and its stem returned. ``ViT-B/32`` style names
+    resolve like open_clip does (``/`` -> ``-``).
+    """
+    register_builtin_configs()
+    if name.endswith(".json"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model: config file {path} not found")
+        return _register_config_file(path)
+    available = open_clip.list_models()
+    for candidate in (name, name.replace("/", "-")):
+        if candidate in available:
+            return candidate
+    close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
+    hint = f"did you mean: {', '.join(close)}? " if close else ""
+    raise ConfigError(
+        f"model: {name!r} not found; {hint}available: {', '.join(available)}; "
+        "or give the path of an open_clip model-config JSON")
+
+
+def model_input_size(name: str) -> int:
+    """The square input side of model ``name``, from its config, without building it."""
+    resolved = resolve_model_name(name)
+    vision = open_clip.get_model_config(resolved)["vision_cfg"]
+    if "image_size" not in vision:
+        raise ConfigError(f"model: config of {resolved!r} has no vision_cfg.image_size")
+    return _square_side(vision["image_size"], "model")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``'auto'`` -> CUDA when available, else CPU; CUDA requests are checked to exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device: {device!r} is not a torch device: {err}") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            available = ", ".join(f"cuda:{i}" for i in range(count))
+            raise ConfigError(f"device: {device!r} not found; available: {available}")
+    return resolved
+
+
+def _cache_root(cache_dir: str) -> Path:
+    """The cache directory, ``~/.cache/lgca`` when ``cache_dir`` is empty."""
+    return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "lgca"
+
+
+def checkpoint_cache_path(uri: str, cache_dir: str) -> Path:
+    """Where :func:`fetch_checkpoint` keeps ``uri``: ``<cache>/checkpoints/<sha256(uri)[:16]>/<basename>``."""
+    basename = PurePosixPath(uri.rstrip("/")).name
+    digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
+    return _cache_root(cache_dir) / "checkpoints" / digest / basename
+
+
+def _download(fs: fsspec.AbstractFileSystem, remote_path: str, target: Path, size: int) -> None:
+    """Copy ``remote_path`` to a temp file beside ``target``, check its size, rename it atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        fs.get_file(remote_path, temp_name)
+        got = temp.stat().st_size
+        if got != size:
+            raise OSError(f"download of {remote_path} is incomplete: {got} of {size} bytes; run again")
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def fetch_checkpoint(uri: str, cache_dir: str, storage_options: dict | None = None) -> Path:
+    """Fetch the checkpoint at fsspec ``uri`` into the local cache and return its path.
+
+    The download is skipped when the cached file exists with the remote's size.
+    ``storage_options`` go to fsspec (e.g. ``{'client_kwargs': {'endpoint_url': ...}}``).
+    """
+    fs, remote_path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    try:
+        size = fs.size(remote_path)
+    except FileNotFoundError:
+        raise ConfigError(f"pretrained: checkpoint {uri} not found") from None
+    if size is None:
+        raise OSError(f"cannot tell the size of {uri}, so its download cannot be verified")
+    target = checkpoint_cache_path(uri, cache_dir)
+    if not (target.is_file() and target.stat().st_size == size):
+        _download(fs, remote_path, target, size)
+    return target
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolve_weights(cfg: ModelConfig, name: str, storage_options: dict | None) -> _Weights:
+    """Classify ``cfg.pretrained`` as none, URI (fetched now), open_clip tag or local file."""
+    pretrained = cfg.pretrained
+    if pretrained.lower() == "none":
+        return _Weights(tag=None, checkpoint=None)
+    if _URI_PATTERN.match(pretrained):
+        return _Weights(tag=None, checkpoint=fetch_checkpoint(pretrained, cfg.cache_dir, storage_options))
+    if open_clip.is_pretrained_cfg(name, pretrained):
+        return _Weights(tag=pretrained, checkpoint=None)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return _Weights(tag=None, checkpoint=path)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise ConfigError(
+        f"pretrained: {pretrained!r} not found: no checkpoint file at {path.absolute()} and not a "
+        f"pretrained tag of {name!r} (available tags: {', '.join(tags) or 'none'}); "
+        "give a checkpoint path, an fsspec URI such as s3://bucket/model.pt, or 'none' for random weights")
+
+
+def _load_checkpoint_file(model: torch.nn.Module, path: Path, name: str) -> None:
+    """Load a state_dict (or ``{'state_dict': ...}``) file into ``model``, tensors only."""
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"pretrained: {path} holds objects other than tensors and was refused by "
+            f"torch.load(weights_only=True); re-save it as a plain state_dict: {err}") from err
+    except RuntimeError as err:
+        raise ConfigError(f"pretrained: checkpoint {path} does not fit model {name!r}: {err}") from err
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    """fp16 kernels are incomplete on the CPU; refuse early with what to use instead."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision: fp16 needs a GPU and the device is the CPU; use fp32 or bf16 on the CPU")
+
+
+def load_model(cfg: ModelConfig, storage_options: dict | None = None) -> LoadedModel:
+    """Build the model named by ``cfg``, load its weights and read its preprocessing.
+
+    ``storage_options`` are passed to fsspec when ``cfg.pretrained`` is a URI.
+    """
+    name = resolve_model_name(cfg.name)
+    device = resolve_device(cfg.device)
+    _check_precision(cfg.precision, device)
+    weights = _resolve_weights(cfg, name, storage_options)
+    if weights.tag is None and weights.checkpoint is None:
+        warnings.warn(f"pretrained='none': model {name!r} has random weights, so its labels and "
+                      "scores are meaningless", UserWarning, stacklevel=2)
+    model = open_clip.create_model(
+        name, pretrained=weights.tag, precision=OPEN_CLIP_PRECISION[cfg.precision], device=device,
+        cache_dir=cfg.cache_dir or None, require_pretrained=weights.tag is not None, weights_only=True)
+    if weights.checkpoint is not None:
+        _load_checkpoint_file(model, weights.checkpoint, name)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        preprocess=preprocess_from_model(model),
+        device=device,
+        dtype=DTYPES[cfg.precision],
+        name=name,
+        pretrained=cfg.pretrained,
+        checkpoint_sha256=sha256_file(weights.checkpoint) if weights.checkpoint is not None else None,
+    )

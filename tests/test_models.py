@@ -1,0 +1,251 @@
+"""Tests of pipeline.models with the tiny builtin model, real checkpoints and a local S3 server."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import open_clip
+import pytest
+import torch
+from moto.server import ThreadedMotoServer
+
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.models import (
+    BUILTIN_CONFIG_DIR,
+    Preprocess,
+    checkpoint_cache_path,
+    fetch_checkpoint,
+    load_model,
+    model_input_size,
+    register_builtin_configs,
+    resolve_device,
+    resolve_model_name,
+)
+
+TINY = "lgca-tiny"
+TINY_JSON = BUILTIN_CONFIG_DIR / f"{TINY}.json"
+
+
+class NotATensor:
+    """A pickled object that torch.load(weights_only=True) must refuse."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    client: object  # boto3 S3 client bound to the local server
+    name: str
+    storage_options: dict  # fsspec/s3fs options reaching the local server
+
+
+def tiny_config(tmp_path: Path, **overrides: str) -> ModelConfig:
+    """A ModelConfig for lgca-tiny on the CPU with its cache under tmp_path."""
+    fields = {"name": TINY, "pretrained": "none", "device": "cpu", "cache_dir": str(tmp_path / "cache")}
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def assert_same_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    loaded = model.state_dict()
+    assert set(loaded) == set(state_dict)
+    for key, value in state_dict.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def fixed_inputs(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return images, tokenizer(["a photo of a cat", "a dog", "x", ""])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Checkpoint:
+    """A random-weight lgca-tiny state_dict saved with torch.save."""
+    register_builtin_configs()
+    torch.manual_seed(123)
+    state_dict = {k: v.clone() for k, v in open_clip.create_model(TINY).state_dict().items()}
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(state_dict, path)
+    return Checkpoint(path=path, state_dict=state_dict)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A real S3 API (moto) on loopback; yields its endpoint URL."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch) -> S3Bucket:
+    """A fresh bucket on the local S3 server, with fake credentials in the environment."""
+    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
+    return S3Bucket(client=client, name=name, storage_options=options)
+
+
+def test_tiny_model_with_random_weights(tmp_path):
+    with pytest.warns(UserWarning, match="meaningless"):
+        loaded = load_model(tiny_config(tmp_path))
+    config = json.loads(TINY_JSON.read_text())
+    own = open_clip.get_model_preprocess_cfg(loaded.model)
+    assert loaded.name == TINY and loaded.pretrained == "none" and loaded.checkpoint_sha256 is None
+    assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32
+    assert not loaded.model.training
+    assert loaded.preprocess == Preprocess(
+        image_size=config["vision_cfg"]["image_size"], mean=tuple(own["mean"]), std=tuple(own["std"]),
+        interpolation=own["interpolation"], resize_mode=own["resize_mode"])
+    assert tuple(own["size"]) == (64, 64) and model_input_size(TINY) == 64
+    images, tokens = fixed_inputs(loaded.tokenizer)
+    assert tokens.shape == (4, config["text_cfg"]["context_length"])
+    with torch.no_grad():
+        assert loaded.model.encode_image(images).shape == (4, config["embed_dim"])
+        assert loaded.model.encode_text(tokens).shape == (4, config["embed_dim"])
+
+
+def test_local_checkpoint_loads_exact_weights(tmp_path, checkpoint):
+    loaded = load_model(tiny_config(tmp_path, pretrained=str(checkpoint.path)))
+    assert_same_weights(loaded.model, checkpoint.state_dict)
+    assert loaded.checkpoint_sha256 == hashlib.sha256(checkpoint.path.read_bytes()).hexdigest()
+    reference = open_clip.create_model(TINY).eval()
+    reference.load_state_dict(checkpoint.state_dict)
+    images, tokens = fixed_inputs(loaded.tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_image(images), reference.encode_image(images))
+        assert torch.equal(loaded.model.encode_text(tokens), reference.encode_text(tokens))
+
+
+def test_wrapped_state_dict_in_bf16(tmp_path, checkpoint):
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": checkpoint.state_dict, "epoch": 3}, path)
+    loaded = load_model(tiny_config(tmp_path, pretrained=str(path), precision="bf16"))
+    assert loaded.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert_same_weights(loaded.model, {k: v.to(torch.bfloat16) for k, v in checkpoint.state_dict.items()})
+    images, _ = fixed_inputs(loaded.tokenizer)
+    with torch.no_grad():
+        assert loaded.model.encode_image(images.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_config_json_path_as_name(tmp_path, checkpoint):
+    path = tmp_path / "my-model.json"
+    shutil.copy(TINY_JSON, path)
+    assert resolve_model_name(str(path)) == "my-model"
+    assert model_input_size(str(path)) == 64
+    loaded = load_model(tiny_config(tmp_path, name=str(path), pretrained=str(checkpoint.path)))
+    assert loaded.name == "my-model"
+    assert_same_weights(loaded.model, checkpoint.state_dict)
+
+
+def test_config_json_cannot_redefine_a_registered_model(tmp_path):
+    config = json.loads(TINY_JSON.read_text())
+    config["embed_dim"] = 32
+    path = tmp_path / f"{TINY}.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="different architecture"):
+        resolve_model_name(str(path))
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_model_name(str(tmp_path / "absent.json"))
+
+
+def test_open_clip_names_resolve():
+    assert resolve_model_name("ViT-B/32") == "ViT-B-32"
+    assert model_input_size("ViT-B-32") == open_clip.get_model_config("ViT-B-32")["vision_cfg"]["image_size"]
+
+
+def test_unknown_model_lists_names():
+    with pytest.raises(ConfigError, match="not found") as info:
+        resolve_model_name("lgca-tiney")
+    message = str(info.value)
+    assert "did you mean: lgca-tiny" in message
+    assert "available:" in message and "ViT-B-32" in message
+
+
+def test_s3_checkpoint_is_fetched_once(tmp_path, checkpoint, s3_bucket):
+    s3_bucket.client.upload_file(str(checkpoint.path), s3_bucket.name, "models/tiny.pt")
+    uri = f"s3://{s3_bucket.name}/models/tiny.pt"
+    config = tiny_config(tmp_path, pretrained=uri)
+    loaded = load_model(config, storage_options=s3_bucket.storage_options)
+    assert_same_weights(loaded.model, checkpoint.state_dict)
+    cached = checkpoint_cache_path(uri, config.cache_dir)
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    assert cached == Path(config.cache_dir) / "checkpoints" / digest / "tiny.pt"
+    assert cached.read_bytes() == checkpoint.path.read_bytes()
+    assert loaded.checkpoint_sha256 == hashlib.sha256(checkpoint.path.read_bytes()).hexdigest()
+    before = cached.stat()
+    again = load_model(config, storage_options=s3_bucket.storage_options)
+    after = cached.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert again.checkpoint_sha256 == loaded.checkpoint_sha256
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["tiny.pt"]
+
+
+def test_s3_fetch_replaces_a_truncated_cache_file(tmp_path, checkpoint, s3_bucket):
+    s3_bucket.client.upload_file(str(checkpoint.path), s3_bucket.name, "tiny.pt")
+    uri = f"s3://{s3_bucket.name}/tiny.pt"
+    cached = checkpoint_cache_path(uri, str(tmp_path))
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(checkpoint.path.read_bytes()[:100])
+    path = fetch_checkpoint(uri, str(tmp_path), storage_options=s3_bucket.storage_options)
+    assert path == cached and path.read_bytes() == checkpoint.path.read_bytes()
+    with pytest.raises(ConfigError, match="not found"):
+        fetch_checkpoint(f"s3://{s3_bucket.name}/absent.pt", str(tmp_path), s3_bucket.storage_options)
+
+
+def test_missing_local_checkpoint_names_the_path(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_model(tiny_config(tmp_path, pretrained=str(missing)))
+    assert str(missing) in str(info.value)
+
+
+def test_pickled_objects_are_refused(tmp_path, checkpoint):
+    path = tmp_path / "unsafe.pt"
+    torch.save({"state_dict": checkpoint.state_dict, "extra": NotATensor()}, path)
+    with pytest.raises(ConfigError, match="weights_only") as info:
+        load_model(tiny_config(tmp_path, pretrained=str(path)))
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, path)
+    with pytest.raises(ConfigError, match="does not fit model 'lgca-tiny'"):
+        load_model(tiny_config(tmp_path, pretrained=str(path)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_cuda_errors(tmp_path):
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="use fp32 or bf16"):
+        load_model(tiny_config(tmp_path, device="auto", precision="fp16"))
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        load_model(tiny_config(tmp_path, device="cuda:0"))
+
+
+def test_preprocess_rejects_letterbox():
+    with pytest.raises(ConfigError, match="resize_mode 'longest' is not supported; available: shortest, squash"):
+        Preprocess(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                   interpolation="bicubic", resize_mode="longest")
