@@ -1,0 +1,298 @@
+"""List and read the inputs of a run: loose image files, WebDataset tar shards, Parquet files.
+
+Pure functions, no Ray: listing runs on the driver, and the ``read_*_batch``
+functions are wrapped in ``map_batches`` by the plan module. Storage goes
+through fsspec, so local paths, ``s3://`` (s3fs) and any other fsspec
+protocol work alike.
+
+Every reader produces columnar batches with the same columns:
+
+* ``id`` (str): stable sample id. Loose files: the object URI
+  (``s3://bucket/key``, or the absolute local path). Tar shards:
+  ``"<tar uri>#<member path inside the tar>"``. Parquet: the id column's
+  value as str, or ``"<parquet uri>#<row number>"`` when no id column is used.
+* ``uri`` (str): the file the bytes came from (the image, tar or Parquet file).
+* ``bytes`` (bytes | None): the encoded image, never decoded here.
+* ``error`` (str | None): why there are no bytes. Formats:
+  ``"read: <ExceptionType>: <message>"`` (a loose file could not be read),
+  ``"tar: <ExceptionType>: <message>"`` (a shard is unreadable or corrupt; one
+  row with id ``"<tar uri>#"`` after the members read before the damage),
+  ``"parquet: <ExceptionType>: <message>"`` (same for a Parquet file, id
+  ``"<parquet uri>#"``), ``"parquet: null image in column '<name>'"`` and
+  ``"parquet: null id in column '<name>'"`` (per row).
+
+Problems with the request itself (nothing matches, a named Parquet column is
+missing) raise :class:`SourceError` with the URI and what to do.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.config import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SHARD_EXTENSIONS = {"tar": (".tar",), "parquet": (".parquet",)}
+ROW_COLUMNS = ("id", "uri", "bytes", "error")
+S3_PROTOCOLS = ("s3", "s3a")
+_GLOB_CHARS = ("*", "?", "[")
+
+
+class SourceError(ValueError):
+    """An input location or its layout is unusable; the message names the URI and the fix."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach object storage; only S3 (s3fs) takes options today."""
+
+    endpoint_url: str = ""  # S3-compatible endpoint; '' -> AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL env, else AWS
+    anon: bool = False  # anonymous access, for public buckets
+    profile: str = ""  # AWS profile name; '' -> default chain (AWS_* env vars, ~/.aws, instance role)
+    region: str = ""  # AWS region; '' -> AWS_REGION / AWS_DEFAULT_REGION / profile setting
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ConfigError(f"endpoint_url: {self.endpoint_url!r} must start with http:// or https://")
+        if self.anon and self.profile:
+            raise ConfigError("profile: anonymous access (anon=True) uses no credentials; drop profile or anon")
+
+    def storage_options(self, protocol: str) -> dict:
+        """fsspec ``storage_options`` for ``protocol``: s3fs keyword arguments for s3/s3a, else ``{}``.
+
+        The endpoint is read from the environment at call time when
+        ``endpoint_url`` is empty, so the process that opens the files decides.
+        """
+        if protocol not in S3_PROTOCOLS:
+            return {}
+        options: dict = {"anon": self.anon}
+        if self.profile:
+            options["profile"] = self.profile
+        client_kwargs = {}
+        endpoint = (self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        return options
+
+
+def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem serving ``uri`` and the path on it (protocol stripped; absolute for local)."""
+    protocol = fsspec.utils.get_protocol(uri)
+    return fsspec.core.url_to_fs(uri, **storage.storage_options(protocol))
+
+
+def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI ids are made of: the absolute path for local files, ``proto://path`` otherwise."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def detect_kind(uri: str) -> str:
+    """'tar' for ``*.tar``, 'parquet' for ``*.parquet`` (files or globs), else 'files'."""
+    lowered = uri.rstrip("/").lower()
+    for kind, extensions in SHARD_EXTENSIONS.items():
+        if lowered.endswith(extensions):
+            return kind
+    return "files"
+
+
+def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...], what: str) -> list[str]:
+    """Sorted full URIs of files under ``uri`` whose names end with ``extensions`` (any case).
+
+    ``uri`` is a single file, a folder or prefix (searched recursively), or a
+    glob (``*``, ``?``, ``[...]``, ``**``; matches files only).
+    """
+    fs, path = filesystem(uri, storage)
+    fs.invalidate_cache()  # listings must reflect the store now, not an earlier listing
+    if any(char in path for char in _GLOB_CHARS):
+        found = [name for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
+    elif fs.isfile(path):
+        found = [path]
+    elif fs.isdir(path):
+        found = fs.find(path)
+    else:
+        raise SourceError(f"{uri}: no such file, folder or prefix")
+    matching = sorted(_full_uri(fs, name) for name in found if name.lower().endswith(extensions))
+    if not matching:
+        raise SourceError(f"{uri}: no {what} found (looked for names ending in {', '.join(extensions)}, "
+                          f"any case, among {len(found)} files)")
+    return matching
+
+
+def list_image_files(uri: str, storage: StorageConfig) -> Iterator[str]:
+    """Image files (by :data:`IMAGE_EXTENSIONS`) at ``uri``, as full URIs in sorted order.
+
+    Listing happens on the call, so a missing location or an empty match
+    raises :class:`SourceError` right away.
+    """
+    return iter(_list_matching(uri, storage, IMAGE_EXTENSIONS, "image files"))
+
+
+def list_shards(uri: str, kind: str, storage: StorageConfig) -> list[str]:
+    """Tar (``kind='tar'``) or Parquet (``kind='parquet'``) files at ``uri``, sorted full URIs."""
+    if kind not in SHARD_EXTENSIONS:
+        raise SourceError(f"kind: {kind!r} is not one of {', '.join(SHARD_EXTENSIONS)}")
+    return _list_matching(uri, storage, SHARD_EXTENSIONS[kind], f"{kind} shards")
+
+
+def _empty_columns() -> dict[str, list]:
+    return {name: [] for name in ROW_COLUMNS}
+
+
+def _append_row(columns: dict[str, list], row: dict) -> None:
+    for name in ROW_COLUMNS:
+        columns[name].append(row[name])
+
+
+def _extend(columns: dict[str, list], batch: dict[str, list]) -> None:
+    for name in ROW_COLUMNS:
+        columns[name].extend(batch[name])
+
+
+def _read_one(uri: str, storage: StorageConfig) -> tuple[bytes | None, str | None]:
+    """The bytes of one file, or None and a ``read:`` error."""
+    fs, path = filesystem(uri, storage)
+    try:
+        return fs.cat_file(path), None
+    except OSError as exc:  # missing, forbidden, a folder, I/O failure (s3fs maps S3 errors to OSError)
+        return None, f"read: {_describe(exc)}"
+
+
+def read_files_batch(batch: dict, storage: StorageConfig, threads: int = 16) -> dict[str, list]:
+    """Read the loose files named in column ``uri``; one row per input row, in order.
+
+    Files are fetched by up to ``threads`` threads, which overlaps object-store
+    latency. ``id`` is the URI as given.
+    """
+    uris = [str(uri) for uri in batch["uri"]]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        results = list(pool.map(lambda uri: _read_one(uri, storage), uris))
+    return {
+        "id": list(uris),
+        "uri": list(uris),
+        "bytes": [data for data, _ in results],
+        "error": [error for _, error in results],
+    }
+
+
+def iter_tar_members(tar_uri: str, storage: StorageConfig) -> Iterator[dict]:
+    """Stream the image members of a (WebDataset) tar shard as rows; never raises for bad shards.
+
+    Members are read in archive order with ``tarfile`` in stream mode
+    (``r|*``, so gzip/bz2/xz shards work too); non-image members such as
+    ``000001.json`` are skipped. An unreadable or corrupt shard ends with one
+    error row ``{'id': '<tar uri>#', 'error': 'tar: ...'}`` after the members
+    read so far. A shard cut exactly at a member boundary cannot be told
+    from a complete one by ``tarfile``.
+    """
+    fs, path = filesystem(tar_uri, storage)
+    try:
+        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
+            for member in archive:
+                if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
+                    data = archive.extractfile(member).read()  # type: ignore[union-attr]
+                    yield {"id": f"{tar_uri}#{member.name}", "uri": tar_uri, "bytes": data, "error": None}
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        yield {"id": f"{tar_uri}#", "uri": tar_uri, "bytes": None, "error": f"tar: {_describe(exc)}"}
+
+
+def read_tar_batch(batch: dict, storage: StorageConfig) -> dict[str, list]:
+    """All image members of the tar shards in column ``uri`` (a flat-map: more rows out than in).
+
+    The whole shard lands in one output batch, so feed shards one per batch.
+    """
+    columns = _empty_columns()
+    for tar_uri in batch["uri"]:
+        for row in iter_tar_members(str(tar_uri), storage):
+            _append_row(columns, row)
+    return columns
+
+
+def _is_binary(data_type: pa.DataType) -> bool:
+    return (pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type)
+            or pa.types.is_fixed_size_binary(data_type) or pa.types.is_binary_view(data_type))
+
+
+def _check_parquet_columns(uri: str, schema: pa.Schema, image_column: str, id_column: str) -> list[str]:
+    """The columns to read; raises SourceError for a missing or wrongly typed column."""
+    wanted = [image_column] + ([id_column] if id_column else [])
+    for name in wanted:
+        if name not in schema.names:
+            raise SourceError(f"{uri}: column {name!r} not found; available: {', '.join(schema.names)}")
+    image_type = schema.field(image_column).type
+    is_struct_with_bytes = pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
+    if not (_is_binary(image_type) or is_struct_with_bytes):
+        raise SourceError(f"{uri}: image column {image_column!r} has type {image_type}; "
+                          "expected binary or a struct with a 'bytes' field")
+    return wanted
+
+
+def _parquet_batch(uri: str, record_batch: pa.RecordBatch, image_column: str, id_column: str,
+                   first_row: int) -> dict[str, list]:
+    """Rows of one record batch; ``first_row`` is the file-wide number of its first row."""
+    images = record_batch.column(image_column)
+    if pa.types.is_struct(images.type):
+        images = pc.struct_field(images, "bytes")
+    blobs = images.to_pylist()
+    keys = record_batch.column(id_column).to_pylist() if id_column else [None] * len(blobs)
+    columns = _empty_columns()
+    for offset, (key, blob) in enumerate(zip(keys, blobs)):
+        row_id, error = (str(key) if key is not None else f"{uri}#{first_row + offset}"), None
+        if id_column and key is None:
+            error = f"parquet: null id in column {id_column!r}"
+        elif blob is None:
+            error = f"parquet: null image in column {image_column!r}"
+        _append_row(columns, {"id": row_id, "uri": uri, "bytes": None if error else blob, "error": error})
+    return columns
+
+
+def iter_parquet_rows(uri: str, storage: StorageConfig, image_column: str = "image", id_column: str = "id",
+                      batch_rows: int = 256) -> Iterator[dict[str, list]]:
+    """Stream a Parquet file as columnar batches of up to ``batch_rows`` rows.
+
+    ``image_column`` is binary, or a struct with a ``bytes`` field (Hugging
+    Face ``datasets`` Image). ``id_column`` values become ids (as str); with
+    ``id_column=''`` ids are ``"<uri>#<row number>"``. A missing column raises
+    :class:`SourceError`; an unreadable or corrupt file yields one
+    ``parquet:`` error row with id ``"<uri>#"`` after the rows read so far.
+    """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    fs, path = filesystem(uri, storage)
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            columns = _check_parquet_columns(uri, parquet.schema_arrow, image_column, id_column)
+            first_row = 0
+            for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+                yield _parquet_batch(uri, record_batch, image_column, id_column, first_row)
+                first_row += record_batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        yield {"id": [f"{uri}#"], "uri": [uri], "bytes": [None], "error": [f"parquet: {_describe(exc)}"]}
+
+
+def read_parquet_batch(batch: dict, storage: StorageConfig, image_column: str, id_column: str) -> dict[str, list]:
+    """All rows of the Parquet files in column ``uri`` (a flat-map: more rows out than in)."""
+    columns = _empty_columns()
+    for uri in batch["uri"]:
+        for part in iter_parquet_rows(str(uri), storage, image_column, id_column):
+            _extend(columns, part)
+    return columns

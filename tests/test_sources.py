@@ -1,0 +1,390 @@
+"""sources: local folders, a real S3 API (moto server on loopback), tar shards and Parquet files."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import uuid
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from moto.server import ThreadedMotoServer
+from PIL import Image
+from skimage import data as photos
+
+from pipeline.config import ConfigError
+from pipeline.sources import (
+    SourceError,
+    StorageConfig,
+    detect_kind,
+    filesystem,
+    iter_parquet_rows,
+    iter_tar_members,
+    list_image_files,
+    list_shards,
+    read_files_batch,
+    read_parquet_batch,
+    read_tar_batch,
+)
+
+LOCAL = StorageConfig()
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    """Small real photos, encoded once for the whole module."""
+    return {
+        "cat": jpeg_bytes(photos.chelsea()[::4, ::4].copy()),
+        "coffee": jpeg_bytes(photos.coffee()[::4, ::4].copy()),
+        "rocket": jpeg_bytes(photos.rocket()[::4, ::4].copy()),
+    }
+
+
+@pytest.fixture
+def tree(tmp_path, images):
+    """A nested folder of images with non-image files mixed in."""
+    files = {
+        "b.jpg": images["cat"],
+        "a.PNG": images["coffee"],
+        "notes.txt": b"not an image",
+        "nested/deeper/c.jpeg": images["rocket"],
+        "nested/d.webp": images["cat"],
+        "nested/meta.json": b"{}",
+        "nested/e.tiff": images["coffee"],
+    }
+    for name, payload in files.items():
+        path = tmp_path / "photos" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+    return tmp_path / "photos"
+
+
+# ---------------------------------------------------------------- local listing
+
+
+def test_local_folder_listing_is_recursive_sorted_and_filtered(tree):
+    listed = list(list_image_files(str(tree), LOCAL))
+    assert listed == [str(tree / name) for name in
+                      ["a.PNG", "b.jpg", "nested/d.webp", "nested/deeper/c.jpeg", "nested/e.tiff"]]
+
+
+def test_local_glob_and_single_file(tree):
+    assert list(list_image_files(str(tree / "*.jpg"), LOCAL)) == [str(tree / "b.jpg")]
+    assert list(list_image_files(str(tree / "**" / "*.jpeg"), LOCAL)) == [str(tree / "nested/deeper/c.jpeg")]
+    assert list(list_image_files(str(tree / "nested" / "d.webp"), LOCAL)) == [str(tree / "nested/d.webp")]
+    assert list(list_image_files(f"file://{tree}/b.jpg", LOCAL)) == [str(tree / "b.jpg")]
+
+
+def test_relative_local_paths_become_absolute(tree, monkeypatch):
+    monkeypatch.chdir(tree.parent)
+    assert list(list_image_files("photos/b.jpg", LOCAL)) == [str(tree / "b.jpg")]
+
+
+def test_listing_errors_name_the_uri(tree):
+    with pytest.raises(SourceError, match="no such file, folder or prefix"):
+        list_image_files(str(tree / "missing"), LOCAL)
+    with pytest.raises(SourceError, match=r"notes\.txt: no image files found"):
+        list_image_files(str(tree / "notes.txt"), LOCAL)
+    with pytest.raises(SourceError, match="no image files found"):
+        list_image_files(str(tree / "*.gif"), LOCAL)
+
+
+def test_detect_kind():
+    assert detect_kind("s3://bucket/shards/000001.tar") == "tar"
+    assert detect_kind("/data/shards/*.TAR") == "tar"
+    assert detect_kind("s3://bucket/table/part-0.parquet") == "parquet"
+    assert detect_kind("s3://bucket/photos/") == "files"
+    assert detect_kind("/data/photo.jpg") == "files"
+
+
+def test_local_read_batch_reads_bytes_and_turns_failures_into_rows(tree, images):
+    uris = [str(tree / "b.jpg"), str(tree / "gone.jpg"), str(tree / "nested"), str(tree / "a.PNG")]
+    out = read_files_batch({"uri": np.array(uris, dtype=object)}, LOCAL)
+    assert out["id"] == uris and out["uri"] == uris
+    assert out["bytes"] == [images["cat"], None, None, images["coffee"]]
+    assert out["error"][0] is None and out["error"][3] is None
+    assert out["error"][1].startswith("read: FileNotFoundError")
+    assert out["error"][2].startswith("read: IsADirectoryError")
+
+
+def test_read_batch_of_nothing():
+    assert read_files_batch({"uri": []}, LOCAL) == {"id": [], "uri": [], "bytes": [], "error": []}
+
+
+# ---------------------------------------------------------------- storage config
+
+
+def test_storage_options(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert StorageConfig().storage_options("s3") == {"anon": False}
+    assert StorageConfig(anon=True, region="eu-west-1").storage_options("s3") == {
+        "anon": True, "client_kwargs": {"region_name": "eu-west-1"}}
+    assert StorageConfig(profile="lab").storage_options("s3a") == {"anon": False, "profile": "lab"}
+    assert StorageConfig(endpoint_url="http://a:1").storage_options("file") == {}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:9000")
+    assert StorageConfig().storage_options("s3")["client_kwargs"] == {"endpoint_url": "http://from-env:9000"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-specific:9000")
+    assert StorageConfig().storage_options("s3")["client_kwargs"] == {"endpoint_url": "http://s3-specific:9000"}
+    explicit = StorageConfig(endpoint_url="https://explicit:443")
+    assert explicit.storage_options("s3")["client_kwargs"] == {"endpoint_url": "https://explicit:443"}
+
+
+def test_storage_config_is_validated():
+    with pytest.raises(ConfigError, match="endpoint_url"):
+        StorageConfig(endpoint_url="minio:9000")
+    with pytest.raises(ConfigError, match="profile"):
+        StorageConfig(anon=True, profile="lab")
+
+
+# ---------------------------------------------------------------- S3 (moto server)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> str:
+    """A real S3 API on loopback for this module; its state is shared, so tests use their own buckets."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint, monkeypatch, tmp_path) -> str:
+    """A fresh bucket, with fake credentials and no stray AWS configuration from the host."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(moto_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def s3_client(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def upload(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
+    client = s3_client(endpoint)
+    for key, payload in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=payload)
+
+
+S3_OBJECTS = ("photos/b.jpg", "photos/a.jpeg", "photos/sub/c.PNG", "photos/sub/readme.txt", "other/z.jpg")
+
+
+def fill_bucket(endpoint: str, bucket: str, images: dict[str, bytes]) -> dict[str, bytes]:
+    payloads = [images["cat"], images["coffee"], images["rocket"], b"text", images["cat"]]
+    objects = dict(zip(S3_OBJECTS, payloads))
+    upload(endpoint, bucket, objects)
+    return objects
+
+
+def test_s3_listing_and_reading_with_endpoint_in_config(moto_endpoint, bucket, images, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # wrong on purpose: the config wins
+    storage = StorageConfig(endpoint_url=moto_endpoint)
+    objects = fill_bucket(moto_endpoint, bucket, images)
+    listed = list(list_image_files(f"s3://{bucket}/photos", storage))
+    assert listed == [f"s3://{bucket}/photos/a.jpeg", f"s3://{bucket}/photos/b.jpg",
+                      f"s3://{bucket}/photos/sub/c.PNG"]
+    out = read_files_batch({"uri": listed + [f"s3://{bucket}/photos/missing.jpg"]}, storage)
+    assert out["id"][:3] == listed
+    assert out["bytes"][:3] == [objects["photos/a.jpeg"], objects["photos/b.jpg"], objects["photos/sub/c.PNG"]]
+    assert out["error"][:3] == [None, None, None]
+    assert out["bytes"][3] is None
+    assert out["error"][3].startswith("read: FileNotFoundError")
+
+
+def test_s3_endpoint_from_environment(moto_endpoint, bucket, images, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    fill_bucket(moto_endpoint, bucket, images)
+    listed = list(list_image_files(f"s3://{bucket}/photos/*.jpg", StorageConfig()))
+    assert listed == [f"s3://{bucket}/photos/b.jpg"]
+    whole_bucket = list(list_image_files(f"s3://{bucket}", StorageConfig()))
+    assert whole_bucket == [f"s3://{bucket}/other/z.jpg"] + [
+        f"s3://{bucket}/{key}" for key in ("photos/a.jpeg", "photos/b.jpg", "photos/sub/c.PNG")]
+    out = read_files_batch({"uri": listed}, StorageConfig())
+    assert out["bytes"] == [images["cat"]]
+
+
+def test_s3_filesystem_and_missing_prefix(moto_endpoint, bucket):
+    fs, path = filesystem(f"s3://{bucket}/photos/a.jpg", StorageConfig(endpoint_url=moto_endpoint))
+    assert (fs.protocol[0], path) == ("s3", f"{bucket}/photos/a.jpg")
+    with pytest.raises(SourceError, match=f"s3://{bucket}/nothing-here: no such file"):
+        list_image_files(f"s3://{bucket}/nothing-here", StorageConfig(endpoint_url=moto_endpoint))
+
+
+# ---------------------------------------------------------------- tar shards
+
+
+def make_tar(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def shard_members(images) -> dict[str, bytes]:
+    return {
+        "000001.jpg": images["cat"],
+        "000001.json": b'{"label": 1}',
+        "000002.jpg": images["coffee"],
+        "000002.txt": b"a cup of coffee",
+        "000003.JPEG": images["rocket"],
+    }
+
+
+def test_tar_members_have_ids_and_bytes(tmp_path, shard_members):
+    shard = tmp_path / "000000.tar"
+    shard.write_bytes(make_tar(shard_members))
+    rows = list(iter_tar_members(str(shard), LOCAL))
+    assert [row["id"] for row in rows] == [f"{shard}#000001.jpg", f"{shard}#000002.jpg", f"{shard}#000003.JPEG"]
+    assert [row["bytes"] for row in rows] == [shard_members[name] for name in ("000001.jpg", "000002.jpg",
+                                                                               "000003.JPEG")]
+    assert {row["uri"] for row in rows} == {str(shard)}
+    assert all(row["error"] is None for row in rows)
+
+
+def test_truncated_tar_gives_members_before_the_cut_and_an_error_row(tmp_path, shard_members):
+    whole = make_tar(shard_members)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as archive:
+        cut = archive.getmember("000002.jpg").offset_data + 100
+    shard = tmp_path / "cut.tar"
+    shard.write_bytes(whole[:cut])
+    rows = list(iter_tar_members(str(shard), LOCAL))
+    assert [row["id"] for row in rows] == [f"{shard}#000001.jpg", f"{shard}#"]
+    assert rows[0]["bytes"] == shard_members["000001.jpg"]
+    assert rows[1]["bytes"] is None
+    assert rows[1]["error"] == "tar: ReadError: unexpected end of data"
+
+
+def test_unreadable_tars_become_error_rows(tmp_path):
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar archive at all" * 40)
+    rows = list(iter_tar_members(str(garbage), LOCAL))
+    assert len(rows) == 1 and rows[0]["id"] == f"{garbage}#" and rows[0]["error"].startswith("tar: ReadError")
+    missing = list(iter_tar_members(str(tmp_path / "missing.tar"), LOCAL))
+    assert missing[0]["error"].startswith("tar: FileNotFoundError")
+
+
+def test_read_tar_batch_flat_maps_shards_from_s3(moto_endpoint, bucket, shard_members):
+    storage = StorageConfig(endpoint_url=moto_endpoint)
+    upload(moto_endpoint, bucket, {"shards/000000.tar": make_tar(shard_members),
+                                   "shards/000001.tar": make_tar({"000009.png": b"png bytes"}),
+                                   "shards/index.txt": b"two shards"})
+    shards = list_shards(f"s3://{bucket}/shards", "tar", storage)
+    assert shards == [f"s3://{bucket}/shards/000000.tar", f"s3://{bucket}/shards/000001.tar"]
+    out = read_tar_batch({"uri": shards}, storage)
+    assert out["id"] == [f"{shards[0]}#000001.jpg", f"{shards[0]}#000002.jpg", f"{shards[0]}#000003.JPEG",
+                         f"{shards[1]}#000009.png"]
+    assert out["uri"] == [shards[0]] * 3 + [shards[1]]
+    assert out["bytes"][3] == b"png bytes"
+    assert out["error"] == [None] * 4
+
+
+def test_local_shard_listing(tmp_path):
+    for name in ("b.tar", "a.tar", "sub/c.tar", "notes.txt", "t/part-0.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert list_shards(str(tmp_path), "tar", LOCAL) == [str(tmp_path / n) for n in ("a.tar", "b.tar", "sub/c.tar")]
+    assert list_shards(str(tmp_path / "*.tar"), "tar", LOCAL) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert list_shards(str(tmp_path / "t"), "parquet", LOCAL) == [str(tmp_path / "t/part-0.parquet")]
+    with pytest.raises(SourceError, match="kind: 'zip'"):
+        list_shards(str(tmp_path), "zip", LOCAL)
+    with pytest.raises(SourceError, match="no parquet shards found"):
+        list_shards(str(tmp_path / "sub"), "parquet", LOCAL)
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def write_parquet(path, table: pa.Table) -> str:
+    pq.write_table(table, str(path), row_group_size=3)
+    return str(path)
+
+
+def test_parquet_binary_column_streams_in_batches(tmp_path, images):
+    payloads = [images["cat"], images["coffee"], images["rocket"], images["cat"], images["coffee"]]
+    table = pa.table({"key": pa.array([10, 11, 12, 13, 14], pa.int64()),
+                      "jpeg": pa.array(payloads, pa.binary()),
+                      "label": ["cat", "coffee", "rocket", "cat", "coffee"]})
+    uri = write_parquet(tmp_path / "part-0.parquet", table)
+    batches = list(iter_parquet_rows(uri, LOCAL, image_column="jpeg", id_column="key", batch_rows=2))
+    assert [len(batch["id"]) for batch in batches] == [2, 2, 1]
+    assert [i for batch in batches for i in batch["id"]] == ["10", "11", "12", "13", "14"]
+    assert [b for batch in batches for b in batch["bytes"]] == payloads
+    assert {u for batch in batches for u in batch["uri"]} == {uri}
+    assert all(e is None for batch in batches for e in batch["error"])
+
+
+def test_parquet_struct_image_column_and_null_rows(tmp_path, images):
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    column = pa.array([{"bytes": images["cat"], "path": "cat.jpg"}, None,
+                       {"bytes": None, "path": "lost.jpg"}, {"bytes": images["rocket"], "path": "r.jpg"}],
+                      image_type)
+    table = pa.table({"image": column, "id": pa.array(["c", "n", "l", None])})
+    uri = write_parquet(tmp_path / "hf.parquet", table)
+    out = read_parquet_batch({"uri": [uri]}, LOCAL, image_column="image", id_column="id")
+    assert out["id"] == ["c", "n", "l", f"{uri}#3"]
+    assert out["bytes"] == [images["cat"], None, None, None]
+    assert out["error"] == [None, "parquet: null image in column 'image'",
+                            "parquet: null image in column 'image'", "parquet: null id in column 'id'"]
+
+
+def test_parquet_without_id_column_uses_row_numbers(tmp_path, images):
+    table = pa.table({"image": pa.array([images["cat"]] * 4, pa.binary())})
+    first = write_parquet(tmp_path / "a.parquet", table)
+    second = write_parquet(tmp_path / "b.parquet", table.slice(0, 1))
+    out = read_parquet_batch({"uri": [first, second]}, LOCAL, image_column="image", id_column="")
+    assert out["id"] == [f"{first}#{n}" for n in range(4)] + [f"{second}#0"]
+    assert out["uri"] == [first] * 4 + [second]
+
+
+def test_parquet_missing_or_wrong_column_is_a_source_error(tmp_path):
+    uri = write_parquet(tmp_path / "t.parquet", pa.table({"img": [b"x"], "name": ["a"], "path": ["p.jpg"]}))
+    with pytest.raises(SourceError, match="column 'image' not found; available: img, name, path"):
+        next(iter_parquet_rows(uri, LOCAL, image_column="image", id_column="name"))
+    with pytest.raises(SourceError, match="column 'id' not found; available: img, name, path"):
+        next(iter_parquet_rows(uri, LOCAL, image_column="img"))
+    with pytest.raises(SourceError, match="image column 'path' has type string"):
+        next(iter_parquet_rows(uri, LOCAL, image_column="path", id_column="name"))
+
+
+def test_corrupt_parquet_is_an_error_row(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 but not really a parquet file")
+    rows = list(iter_parquet_rows(str(bad), LOCAL))
+    assert len(rows) == 1
+    assert rows[0]["id"] == [f"{bad}#"]
+    assert rows[0]["error"][0].startswith("parquet: ArrowInvalid")
+
+
+def test_parquet_on_s3(moto_endpoint, bucket, images):
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": ["x", "y"], "image": [images["cat"], images["rocket"]]}), buffer)
+    upload(moto_endpoint, bucket, {"table/part-0.parquet": buffer.getvalue()})
+    storage = StorageConfig(endpoint_url=moto_endpoint)
+    shards = list_shards(f"s3://{bucket}/table/*.parquet", "parquet", storage)
+    out = read_parquet_batch({"uri": shards}, storage, image_column="image", id_column="id")
+    assert out["id"] == ["x", "y"]
+    assert out["bytes"] == [images["cat"], images["rocket"]]
+    assert out["uri"] == [f"s3://{bucket}/table/part-0.parquet"] * 2
