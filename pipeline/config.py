@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 METHODS = ("clip", "cupl", "wca", "lgca")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AGGREGATIONS = ("mean", "last")
+S3_PROTOCOLS = ("s3", "s3a")
 
 
 class ConfigError(ValueError):
@@ -136,6 +138,110 @@ class TextConfig:
                  f"{self.descriptions_format!r} is not 'auto', 'cupl' or 'descriptors'")
 
 
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach object storage; only S3 (s3fs) takes options today."""
+
+    endpoint_url: str = ""  # S3-compatible endpoint; '' -> AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL env, else AWS
+    anon: bool = False  # anonymous access, for public buckets
+    profile: str = ""  # AWS profile name; '' -> default chain (AWS_* env vars, ~/.aws, instance role)
+    region: str = ""  # AWS region; '' -> AWS_REGION / AWS_DEFAULT_REGION / profile setting
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ConfigError(f"endpoint_url: {self.endpoint_url!r} must start with http:// or https://")
+        if self.anon and self.profile:
+            raise ConfigError("profile: anonymous access (anon=True) uses no credentials; drop profile or anon")
+
+    def storage_options(self, protocol: str) -> dict:
+        """fsspec ``storage_options`` for ``protocol``: s3fs keyword arguments for s3/s3a, else ``{}``.
+
+        The endpoint is read from the environment at call time when
+        ``endpoint_url`` is empty, so the process that opens the files decides.
+        """
+        if protocol not in S3_PROTOCOLS:
+            return {}
+        options: dict = {"anon": self.anon}
+        if self.profile:
+            options["profile"] = self.profile
+        client_kwargs = {}
+        endpoint = (self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        return options
+
+
 def to_dict(config: object) -> dict:
     """A JSON-ready dict of a config dataclass, for run metadata."""
     return dataclasses.asdict(config)  # type: ignore[arg-type]
+
+
+INPUT_FORMATS = ("auto", "files", "tar", "parquet")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What to label: image files, WebDataset tar shards or Parquet files."""
+
+    uris: tuple[str, ...]  # folders, prefixes, globs or single files; local or any fsspec URL
+    format: str = "auto"  # 'files', 'tar', 'parquet', or 'auto' (from each URI's extension)
+    image_column: str = "image"  # Parquet: the column holding encoded image bytes
+    id_column: str = "id"  # Parquet: the column holding the image id ('' = file URI + row number)
+
+    def __post_init__(self) -> None:
+        _require(len(self.uris) > 0, "input", "give at least one --input folder, prefix, glob or file")
+        _require(all(u.strip() for u in self.uris), "input", "an --input value is empty")
+        _require(self.format in INPUT_FORMATS, "input_format",
+                 f"{self.format!r} is not one of {', '.join(INPUT_FORMATS)}")
+        _require(bool(self.image_column), "image_column", "must name the Parquet column with image bytes")
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    """How the job uses the cluster."""
+
+    actors_min: int = 1  # model actors to start with
+    actors_max: int = 1  # model actors to scale up to (autoscaling when larger than actors_min)
+    gpus_per_actor: float = 0.0  # GPUs each model actor reserves; 0 runs the model on CPUs
+    cpus_per_actor: float = 1.0  # CPUs each model actor reserves
+    batch_size: int = 32  # images per model-actor call
+    max_pixels: int = 178_956_970  # images with more pixels become error rows (decompression bombs)
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.actors_min <= self.actors_max, "actors",
+                 f"need 1 <= min <= max, got {self.actors_min}-{self.actors_max}")
+        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be 0 or more")
+        _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be more than 0")
+        _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(self.max_pixels >= 1, "max_pixels", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """Everything one ``lgca label`` run needs, validated as a whole before Ray starts."""
+
+    inputs: InputConfig
+    output: str  # folder or prefix the Parquet labels and run metadata go to
+    text: TextConfig
+    model: ModelConfig = ModelConfig()
+    scoring: ScoringParams = ScoringParams()
+    resources: ResourceConfig = ResourceConfig()
+    storage: StorageConfig = StorageConfig()
+    overwrite: bool = False  # relabel everything, replacing the existing output
+    address: str = ""  # Ray address; '' uses RAY_ADDRESS or starts a local Ray
+    name: str = "lgca-label"  # job name, used in submission ids
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output.strip()), "output", "give the folder or prefix to write labels to")
+        _require(all(c.isalnum() or c in "-_." for c in self.name), "name",
+                 f"{self.name!r} may hold only letters, digits, '-', '_' and '.'")
+        gpu = self.resources.gpus_per_actor > 0
+        _require(gpu or self.model.precision != "fp16", "precision",
+                 "fp16 needs GPUs: set gpus_per_actor > 0, or use fp32 or bf16 on CPUs")
+        _require(gpu or not self.model.device.startswith("cuda"), "device",
+                 f"device {self.model.device!r} needs gpus_per_actor > 0")

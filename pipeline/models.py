@@ -244,6 +244,25 @@ def _resolve_weights(cfg: ModelConfig, name: str, storage_options: dict | None) 
         "give a checkpoint path, an fsspec URI such as s3://bucket/model.pt, or 'none' for random weights")
 
 
+def check_weights(cfg: ModelConfig, storage_options: dict | None = None) -> str:
+    """Check on the driver, without loading anything, that ``cfg`` names a model and weights.
+
+    Returns the resolved model name. A remote checkpoint must exist; a local one must be a
+    file here (on a cluster it must also exist on every worker: prefer an s3:// URI).
+    """
+    name = resolve_model_name(cfg.name)
+    pretrained = cfg.pretrained
+    if pretrained.lower() == "none" or open_clip.is_pretrained_cfg(name, pretrained):
+        return name
+    if _URI_PATTERN.match(pretrained):
+        fs, path = fsspec.core.url_to_fs(pretrained, **(storage_options or {}))
+        if not fs.exists(path):
+            raise ConfigError(f"pretrained: {pretrained} does not exist; check the URI and credentials")
+        return name
+    _resolve_weights(cfg, name, storage_options)
+    return name
+
+
 def _load_checkpoint_file(model: torch.nn.Module, path: Path, name: str) -> None:
     """Load a state_dict (or ``{'state_dict': ...}``) file into ``model``, tensors only."""
     try:

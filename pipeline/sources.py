@@ -26,12 +26,10 @@ missing) raise :class:`SourceError` with the URI and what to do.
 """
 from __future__ import annotations
 
-import os
 import tarfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
@@ -39,55 +37,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import ConfigError
+from .config import S3_PROTOCOLS, StorageConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTENSIONS = {"tar": (".tar",), "parquet": (".parquet",)}
 ROW_COLUMNS = ("id", "uri", "bytes", "error")
-S3_PROTOCOLS = ("s3", "s3a")
 _GLOB_CHARS = ("*", "?", "[")
 
 
 class SourceError(ValueError):
     """An input location or its layout is unusable; the message names the URI and the fix."""
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """How to reach object storage; only S3 (s3fs) takes options today."""
-
-    endpoint_url: str = ""  # S3-compatible endpoint; '' -> AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL env, else AWS
-    anon: bool = False  # anonymous access, for public buckets
-    profile: str = ""  # AWS profile name; '' -> default chain (AWS_* env vars, ~/.aws, instance role)
-    region: str = ""  # AWS region; '' -> AWS_REGION / AWS_DEFAULT_REGION / profile setting
-
-    def __post_init__(self) -> None:
-        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ConfigError(f"endpoint_url: {self.endpoint_url!r} must start with http:// or https://")
-        if self.anon and self.profile:
-            raise ConfigError("profile: anonymous access (anon=True) uses no credentials; drop profile or anon")
-
-    def storage_options(self, protocol: str) -> dict:
-        """fsspec ``storage_options`` for ``protocol``: s3fs keyword arguments for s3/s3a, else ``{}``.
-
-        The endpoint is read from the environment at call time when
-        ``endpoint_url`` is empty, so the process that opens the files decides.
-        """
-        if protocol not in S3_PROTOCOLS:
-            return {}
-        options: dict = {"anon": self.anon}
-        if self.profile:
-            options["profile"] = self.profile
-        client_kwargs = {}
-        endpoint = (self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                    or os.environ.get("AWS_ENDPOINT_URL"))
-        if endpoint:
-            client_kwargs["endpoint_url"] = endpoint
-        if self.region:
-            client_kwargs["region_name"] = self.region
-        if client_kwargs:
-            options["client_kwargs"] = client_kwargs
-        return options
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:

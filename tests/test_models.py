@@ -5,17 +5,15 @@ import hashlib
 import json
 import pickle
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import open_clip
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 
 from pipeline.config import ConfigError, ModelConfig
+from tests.support import s3_client
 from pipeline.models import (
     BUILTIN_CONFIG_DIR,
     Preprocess,
@@ -79,26 +77,10 @@ def checkpoint(tmp_path_factory) -> Checkpoint:
     return Checkpoint(path=path, state_dict=state_dict)
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """A real S3 API (moto) on loopback; yields its endpoint URL."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3_bucket(moto_endpoint, monkeypatch) -> S3Bucket:
-    """A fresh bucket on the local S3 server, with fake credentials in the environment."""
-    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
-    name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
+def s3_bucket(moto_endpoint, bucket) -> S3Bucket:
+    """The fresh bucket of the shared loopback S3 server, with a client and fsspec options."""
+    client, name = s3_client(moto_endpoint), bucket
     options = {"key": "testing", "secret": "testing",
                "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
     return S3Bucket(client=client, name=name, storage_options=options)

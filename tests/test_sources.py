@@ -4,18 +4,16 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import uuid
 
-import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from skimage import data as photos
 
 from pipeline.config import ConfigError
+from tests.support import s3_client, upload
 from pipeline.sources import (
     SourceError,
     StorageConfig,
@@ -147,42 +145,6 @@ def test_storage_config_is_validated():
 
 
 # ---------------------------------------------------------------- S3 (moto server)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> str:
-    """A real S3 API on loopback for this module; its state is shared, so tests use their own buckets."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(moto_endpoint, monkeypatch, tmp_path) -> str:
-    """A fresh bucket, with fake credentials and no stray AWS configuration from the host."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    s3_client(moto_endpoint).create_bucket(Bucket=name)
-    return name
-
-
-def s3_client(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
-
-
-def upload(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
-    client = s3_client(endpoint)
-    for key, payload in objects.items():
-        client.put_object(Bucket=bucket, Key=key, Body=payload)
 
 
 S3_OBJECTS = ("photos/b.jpg", "photos/a.jpeg", "photos/sub/c.PNG", "photos/sub/readme.txt", "other/z.jpg")

@@ -1,0 +1,75 @@
+"""The Ray Data UDF that owns a model: loads it and encodes the text once, then scores batches.
+
+Ray-agnostic in code (a plain callable class); :mod:`pipeline.plan` runs it in an actor
+pool. Every input row yields exactly one output row: images that were not decoded, or
+whose scoring failed, become ``status='error'`` rows.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import torch
+
+from .config import ModelConfig, ScoringParams, StorageConfig
+from .decode import pixels_array
+from .engine import Engine, ImageInput
+from .models import load_model
+from .prompts import ClassSet
+from .sink import SCHEMA, error_table, scored_table
+
+log = logging.getLogger(__name__)
+
+
+def _column(batch: dict[str, Any], name: str) -> list:
+    values = batch[name]
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+class LabelActor:
+    """Holds one model and its :class:`~pipeline.engine.Engine` for the actor's lifetime."""
+
+    def __init__(self, model: ModelConfig, classes: ClassSet, scoring: ScoringParams,
+                 storage: StorageConfig, run_id: str):
+        options = storage.storage_options(fsspec.utils.get_protocol(model.pretrained))
+        loaded = load_model(model, options)
+        self.names = classes.names
+        self.scoring = scoring
+        self.run_id = run_id
+        self.engine = Engine(loaded.model, loaded.tokenizer, classes.names,
+                             [classes.prompts(i) for i in range(len(classes.names))],
+                             classes.descriptions, scoring, loaded.preprocess, loaded.device, loaded.dtype)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        """Score the decoded rows of ``batch``; returns one output row per input row."""
+        rows = {name: _column(batch, name) for name in
+                ("id", "uri", "pixels", "work_h", "work_w", "width", "height", "error")}
+        good = [i for i, error in enumerate(rows["error"]) if not error]
+        bad = [i for i, error in enumerate(rows["error"]) if error]
+        tables = [self._score(rows, good)] if good else []
+        if bad:
+            tables.append(self._errors(rows, bad, [rows["error"][i] for i in bad]))
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+    def _score(self, rows: dict[str, list], index: list[int]) -> pa.Table:
+        """Score rows ``index`` together; if the batch fails, score one by one to isolate the culprit."""
+        images = [ImageInput(rows["id"][i], pixels_array(rows["pixels"][i], rows["work_h"][i], rows["work_w"][i]),
+                             rows["height"][i], rows["width"][i]) for i in index]
+        try:
+            scores = self.engine.score(images)
+        except (RuntimeError, ValueError) as exc:
+            if len(index) == 1:
+                return self._errors(rows, index, [f"score: {type(exc).__name__}: {exc}"])
+            log.warning("batch of %d failed (%s); scoring its images one by one", len(index), exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return pa.concat_tables([self._score(rows, [i]) for i in index])
+        return scored_table([rows["id"][i] for i in index], [rows["uri"][i] for i in index],
+                            [rows["width"][i] for i in index], [rows["height"][i] for i in index],
+                            scores, self.names, self.scoring.method, self.scoring.top_k, self.run_id)
+
+    def _errors(self, rows: dict[str, list], index: list[int], errors: list[str]) -> pa.Table:
+        return error_table([rows["id"][i] for i in index], [rows["uri"][i] for i in index], errors,
+                           [rows["width"][i] for i in index], [rows["height"][i] for i in index], self.run_id)

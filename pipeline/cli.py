@@ -1,0 +1,43 @@
+"""The ``lgca`` command line. It only parses arguments into configs and calls the stages."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError
+from .jobspec import add_label_arguments, job_from_args
+from .sources import SourceError
+
+
+def _label(args: argparse.Namespace) -> int:
+    from .runner import run_label_job
+
+    job = job_from_args(args)
+    summary = run_label_job(job)
+    print(summary.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lgca", description="Zero-shot image labelling with CLIP and LGCA on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+    label = commands.add_parser("label", help="label images into Parquet (incremental, resumable)")
+    add_label_arguments(label)
+    label.set_defaults(handler=_label)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lgca`` console script; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, SourceError) as exc:
+        print(f"lgca {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Job specs: one table of options feeds the ``lgca label`` flags and the YAML job files.
+
+A YAML job file uses the flag names as keys (``gpus-per-actor`` or ``gpus_per_actor``);
+flags given on the command line win over the file. :func:`build_job` turns the merged
+options into a validated :class:`~pipeline.config.LabelJob`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import fsspec
+import yaml
+
+from .config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
+                     StorageConfig, TextConfig)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One job option: its flag, the config section and field it fills, and its type."""
+
+    flag: str  # the command-line flag without dashes, also the YAML key
+    section: str  # LabelJob field holding the config object ('' for LabelJob itself)
+    field: str  # field name inside that section
+    kind: Callable[[Any], Any] = str
+    help: str = ""
+    multiple: bool = False  # may be given several times (a YAML list)
+
+
+def _flag(value: Any) -> bool:
+    """A YAML or flag boolean; only real booleans and 'true'/'false' words are accepted."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"expected true or false, got {value!r}")
+
+
+OPTIONS = (
+    Option("input", "inputs", "uris", help="folder, prefix, glob or file to label (repeatable)", multiple=True),
+    Option("input-format", "inputs", "format", help="files, tar, parquet or auto"),
+    Option("image-column", "inputs", "image_column", help="Parquet column with image bytes"),
+    Option("id-column", "inputs", "id_column", help="Parquet column with image ids"),
+    Option("output", "", "output", help="folder or prefix for the Parquet labels"),
+    Option("classes", "text", "classes", help="class file (.txt/.json) or inline 'cat,dog'"),
+    Option("descriptions", "text", "descriptions", help="CuPL or descriptor JSON file"),
+    Option("descriptions-format", "text", "descriptions_format", help="cupl, descriptors or auto"),
+    Option("templates", "text", "templates", help="JSON list of '{}' prompt templates"),
+    Option("model", "model", "name", help="open_clip model name or model-config JSON"),
+    Option("pretrained", "model", "pretrained", help="open_clip tag, checkpoint path or URI, or none"),
+    Option("device", "model", "device", help="auto, cpu, cuda or cuda:N"),
+    Option("precision", "model", "precision", help="fp32, fp16 or bf16"),
+    Option("cache-dir", "model", "cache_dir", help="where remote checkpoints are cached"),
+    Option("method", "scoring", "method", help="clip, cupl, wca or lgca (default lgca)"),
+    Option("crops", "scoring", "crops", int, "crops per image (N)"),
+    Option("alpha", "scoring", "alpha", float, "smallest crop side / min(H, W)"),
+    Option("beta", "scoring", "beta", float, "largest crop side / min(H, W)"),
+    Option("lambda-v", "scoring", "lambda_v", float, "crop-weight temperature"),
+    Option("lambda-t", "scoring", "lambda_t", float, "description-weight temperature"),
+    Option("steps", "scoring", "steps", int, "LGCA expansion steps (T)"),
+    Option("expand-top", "scoring", "expand_top", int, "crops expanded per step (K)"),
+    Option("expand-ratio", "scoring", "expand_ratio", float, "side growth per expansion (r)"),
+    Option("aggregation", "scoring", "aggregation", help="mean, last or T+1 comma-separated weights"),
+    Option("top-k", "scoring", "top_k", int, "labels kept per image and step"),
+    Option("seed", "scoring", "seed", int, "run seed for the crops"),
+    Option("encode-batch-size", "scoring", "encode_batch_size", int, "crops per encoder pass"),
+    Option("batch-size", "resources", "batch_size", int, "images per model-actor call"),
+    Option("actors", "resources", "actors", help="model actors: N or MIN-MAX"),
+    Option("gpus-per-actor", "resources", "gpus_per_actor", float, "GPUs per model actor"),
+    Option("cpus-per-actor", "resources", "cpus_per_actor", float, "CPUs per model actor"),
+    Option("max-pixels", "resources", "max_pixels", int, "larger images become error rows"),
+    Option("endpoint-url", "storage", "endpoint_url", help="S3-compatible endpoint URL"),
+    Option("anon", "storage", "anon", _flag, "anonymous object-storage access"),
+    Option("profile", "storage", "profile", help="AWS profile"),
+    Option("region", "storage", "region", help="AWS region"),
+    Option("overwrite", "", "overwrite", _flag, "relabel everything, replacing the output"),
+    Option("address", "", "address", help="Ray address (default: RAY_ADDRESS or a local Ray)"),
+    Option("name", "", "name", help="job name"),
+)
+BY_KEY = {option.flag: option for option in OPTIONS}
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every job option as a flag; unset flags stay ``None`` so the YAML file can fill them."""
+    parser.add_argument("--config", help="YAML job file; flags given here win over it")
+    for option in OPTIONS:
+        if option.kind is _flag:
+            parser.add_argument(f"--{option.flag}", action="store_const", const=True, default=None,
+                                help=option.help)
+        else:
+            parser.add_argument(f"--{option.flag}", action="append" if option.multiple else "store",
+                                help=option.help)
+
+
+def read_job_file(uri: str) -> dict[str, Any]:
+    """Read a YAML job file into ``{flag: value}``; unknown keys are errors."""
+    try:
+        with fsspec.open(uri, "r") as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config: job file {uri} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {uri} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {uri} must hold a mapping of option: value, got {type(data).__name__}")
+    options = {}
+    for key, value in data.items():
+        flag = str(key).replace("_", "-")
+        if flag not in BY_KEY:
+            raise ConfigError(f"config: unknown key {key!r} in {uri}; known keys: {', '.join(BY_KEY)}")
+        options[flag] = value
+    return options
+
+
+def merge_options(file_options: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """File options overridden by every job flag that was given (not ``None``)."""
+    merged = dict(file_options)
+    given = {key.replace("_", "-"): value for key, value in flags.items() if value is not None}
+    merged.update({flag: value for flag, value in given.items() if flag in BY_KEY})
+    return merged
+
+
+def _convert(option: Option, value: Any) -> Any:
+    """Convert a flag string or YAML value to the option's type, naming the option on error."""
+    try:
+        if option.multiple:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(option.kind(v) for v in values)
+        return option.kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{option.flag}: {value!r} is not valid ({exc})") from None
+
+
+def parse_actors(value: str) -> tuple[int, int]:
+    """``'4'`` -> (4, 4); ``'1-8'`` -> (1, 8)."""
+    text = str(value).strip()
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise ConfigError(f"actors: {value!r} is not N or MIN-MAX (for example 4 or 1-8)") from None
+
+
+def build_job(options: dict[str, Any]) -> LabelJob:
+    """Build and validate a :class:`LabelJob` from merged options (flag names as keys)."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in
+                                           ("inputs", "text", "model", "scoring", "resources", "storage", "")}
+    for flag, value in options.items():
+        option = BY_KEY.get(flag)
+        if option is None:
+            raise ConfigError(f"unknown option {flag!r}; known: {', '.join(BY_KEY)}")
+        if flag == "actors":
+            low, high = parse_actors(value)
+            sections["resources"].update(actors_min=low, actors_max=high)
+            continue
+        sections[option.section][option.field] = _convert(option, value)
+    for required in ("input", "output", "classes"):
+        if required not in options:
+            raise ConfigError(f"{required}: missing; give --{required} or '{required}:' in the job file")
+    top = sections[""]
+    return LabelJob(
+        inputs=InputConfig(**sections["inputs"]), output=top.pop("output"),
+        text=TextConfig(**sections["text"]), model=ModelConfig(**sections["model"]),
+        scoring=ScoringParams(**sections["scoring"]), resources=ResourceConfig(**sections["resources"]),
+        storage=StorageConfig(**sections["storage"]), **top)
+
+
+def job_from_args(args: argparse.Namespace) -> LabelJob:
+    """The job described by parsed ``lgca label`` arguments and their ``--config`` file."""
+    file_options = read_job_file(args.config) if args.config else {}
+    return build_job(merge_options(file_options, vars(args)))
+
+
+def job_to_options(job: LabelJob) -> dict[str, Any]:
+    """The options that rebuild ``job`` (the inverse of :func:`build_job`), for job files."""
+    out: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.flag == "actors":
+            res = job.resources
+            out["actors"] = f"{res.actors_min}-{res.actors_max}"
+            continue
+        holder = getattr(job, option.section) if option.section else job
+        value = getattr(holder, option.field)
+        out[option.flag] = list(value) if option.multiple else value
+    return out
+

@@ -1,0 +1,151 @@
+"""One ``lgca label`` run: validate on the driver, plan, run on Ray, record the run.
+
+Everything that can be wrong with a job (config, class files, model name, weights,
+inputs, a mismatched output) is found before Ray starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+import fsspec
+
+from . import plan
+from .config import LabelJob, to_dict
+from .models import check_weights, model_input_size
+from .prompts import ClassSet, load_class_set
+from .sink import DoneIds, OutputLayout, check_manifest, read_column, write_json
+from .sources import detect_kind, list_image_files, list_shards
+
+log = logging.getLogger(__name__)
+
+AWS_ENV_PREFIXES = ("AWS_",)
+PACKAGES = ("lgca-pipeline", "torch", "open_clip_torch", "ray", "pyarrow", "fsspec", "s3fs")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did, for the closing summary and the run metadata."""
+
+    run_id: str
+    output: str
+    ok: int  # rows labelled in this run
+    errors: int  # error rows written in this run
+    skipped: int  # input images already in the output, not labelled again
+    seconds: float
+    error_reasons: dict[str, int]
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.ok + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        reasons = "".join(f"\n  {count:>8}  {reason}" for reason, count in self.error_reasons.items())
+        return (f"run {self.run_id}: {self.ok} ok, {self.errors} error rows, {self.skipped} already labelled; "
+                f"{self.images_per_second:.2f} images/s over {self.seconds:.1f} s\n"
+                f"output: {self.output}" + (f"\nerror reasons:{reasons}" if reasons else ""))
+
+
+def new_run_id() -> str:
+    """A sortable unique run id: UTC time and 6 random hex digits."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def fingerprint(job: LabelJob, classes: ClassSet) -> dict[str, Any]:
+    """What the output's rows depend on; a re-run must match it (else --overwrite)."""
+    scoring = dataclasses.asdict(job.scoring)
+    scoring.pop("encode_batch_size")
+    return {"model": job.model.name, "pretrained": job.model.pretrained, "scoring": scoring,
+            "text": classes.digests()}
+
+
+def collect_work(job: LabelJob, done: DoneIds) -> tuple[plan.WorkList, int]:
+    """List the inputs on the driver; returns the work and the number of files skipped as done."""
+    files, tars, parquets = [], [], []
+    for uri in job.inputs.uris:
+        kind = job.inputs.format if job.inputs.format != "auto" else detect_kind(uri)
+        if kind == "files":
+            files.extend(list_image_files(uri, job.storage))
+        else:
+            (tars if kind == "tar" else parquets).extend(list_shards(uri, kind, job.storage))
+    files = list(dict.fromkeys(files))
+    new = [f for f, seen in zip(files, done.contains(files)) if not seen]
+    return plan.WorkList(tuple(new), tuple(tars), tuple(parquets)), len(files) - len(new)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def prepare(job: LabelJob) -> tuple[ClassSet, int]:
+    """Driver-side validation that needs files: classes, model name and weights."""
+    text_options = job.storage.storage_options(fsspec.utils.get_protocol(job.text.classes))
+    classes = load_class_set(job.text, text_options)
+    weights_options = job.storage.storage_options(fsspec.utils.get_protocol(job.model.pretrained))
+    check_weights(job.model, weights_options)
+    return classes, model_input_size(job.model.name)
+
+
+def start_ray(job: LabelJob) -> None:
+    """Connect to ``job.address`` / ``RAY_ADDRESS``, or start a local Ray; AWS_* settings follow."""
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(AWS_ENV_PREFIXES)}
+    if not ray.is_initialized():
+        ray.init(address=job.address or None, runtime_env={"env_vars": env} if env else None,
+                 log_to_driver=True)
+
+
+def run_label_job(job: LabelJob) -> RunSummary:
+    """Label every image of ``job`` not yet in its output; returns what was done."""
+    started, clock = datetime.now(timezone.utc), time.monotonic()
+    classes, image_size = prepare(job)
+    layout = OutputLayout(job.output)
+    check_manifest(layout, fingerprint(job, classes), job.storage, job.overwrite)
+    done = DoneIds.load(layout, job.storage)
+    work, skipped = collect_work(job, done)
+    run_id = new_run_id()
+    if not work.empty:
+        start_ray(job)
+        dataset = plan.build(work, job, classes, done, run_id, image_size)
+        plan.write(dataset, layout, job, run_id)
+    status = read_column(layout, job.storage, "status", run_id).to_pylist()
+    errors = read_column(layout, job.storage, "error", run_id).to_pylist()
+    reasons: dict[str, int] = {}
+    for message in errors:
+        if message:
+            reason = message.split(":", 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    summary = RunSummary(run_id=run_id, output=job.output, ok=status.count("ok"), errors=status.count("error"),
+                         skipped=skipped, seconds=time.monotonic() - clock, error_reasons=reasons)
+    write_json(layout.run(run_id), run_metadata(job, classes, summary, started), job.storage)
+    return summary
+
+
+def run_metadata(job: LabelJob, classes: ClassSet, summary: RunSummary, started: datetime) -> dict[str, Any]:
+    """The run's record: settings, text digests, versions, times and counts."""
+    return {
+        "run_id": summary.run_id, "name": job.name,
+        "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+        "inputs": list(job.inputs.uris), "output": job.output,
+        "model": to_dict(job.model), "scoring": to_dict(job.scoring), "resources": to_dict(job.resources),
+        "seed": job.scoring.seed, "classes": list(classes.names), "templates": list(classes.templates),
+        "text_digests": classes.digests(), "versions": package_versions(),
+        "counts": {"ok": summary.ok, "error": summary.errors, "skipped": summary.skipped},
+        "error_reasons": summary.error_reasons, "seconds": summary.seconds,
+        "images_per_second": summary.images_per_second,
+    }
+

@@ -1,0 +1,233 @@
+"""The output: its explicit Parquet schema, result rows, and the output folder's layout.
+
+Layout of an output folder (local or any fsspec URL)::
+
+    OUTPUT/data/<run id>_<write uuid>_<task>-<i>.parquet   labels, one row per input image
+    OUTPUT/_lgca/manifest.json                    what every row was scored with
+    OUTPUT/_lgca/runs/<run id>.json               metadata of each run
+
+docs/output-schema.md documents every column.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .config import ConfigError, StorageConfig
+from .engine import BatchScores
+
+log = logging.getLogger(__name__)
+
+STEP_TYPE = pa.struct([
+    ("step", pa.int32()),
+    ("topk_labels", pa.list_(pa.string())),
+    ("topk_scores", pa.list_(pa.float32())),
+    ("expanded_boxes", pa.list_(pa.list_(pa.float32(), 4))),
+])
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("uri", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("label", pa.string()),
+    ("score", pa.float32()),
+    ("topk_labels", pa.list_(pa.string())),
+    ("topk_scores", pa.list_(pa.float32())),
+    ("clip_label", pa.string()),
+    ("cupl_label", pa.string()),
+    ("wca_label", pa.string()),
+    ("steps", pa.list_(STEP_TYPE)),
+    ("run_id", pa.string()),
+])
+
+
+def error_table(ids: Sequence[str], uris: Sequence[str], errors: Sequence[str],
+                widths: Sequence[int], heights: Sequence[int], run_id: str) -> pa.Table:
+    """Rows with ``status='error'`` for images that could not be scored."""
+    count = len(ids)
+    columns = {name: pa.nulls(count, SCHEMA.field(name).type) for name in SCHEMA.names}
+    columns.update(id=pa.array(list(ids), pa.string()), uri=pa.array(list(uris), pa.string()),
+                   status=pa.array(["error"] * count, pa.string()),
+                   error=pa.array(list(errors), pa.string()),
+                   width=pa.array(list(widths), pa.int32()), height=pa.array(list(heights), pa.int32()),
+                   run_id=pa.array([run_id] * count, pa.string()))
+    return pa.table(columns, schema=SCHEMA)
+
+
+def _labels(names: Sequence[str], index: torch.Tensor) -> list:
+    """Class names for an index tensor of any shape, as nested lists."""
+    return np.asarray(names, dtype=object)[index.numpy()].tolist()
+
+
+def _argmax_labels(names: Sequence[str], scores: torch.Tensor | None, count: int) -> pa.Array:
+    if scores is None:
+        return pa.nulls(count, pa.string())
+    return pa.array(_labels(names, scores.argmax(dim=1)), pa.string())
+
+
+def _steps_column(names: Sequence[str], scores: BatchScores, top_k: int) -> pa.Array:
+    """Per image: for each LGCA step t, top-k labels/scores of S_t and the boxes expanded at t."""
+    if scores.steps is None:
+        return pa.nulls(len(scores.clip), pa.list_(STEP_TYPE))
+    step_scores, step_index = scores.steps.topk(top_k, dim=2)  # [T+1, B, k]
+    rows = []
+    for b in range(scores.steps.shape[1]):
+        steps = []
+        for t in range(scores.steps.shape[0]):
+            boxes = scores.expanded_boxes(t)[b].tolist() if t > 0 else []
+            steps.append({"step": t, "topk_labels": _labels(names, step_index[t, b]),
+                          "topk_scores": step_scores[t, b].tolist(), "expanded_boxes": boxes})
+        rows.append(steps)
+    return pa.array(rows, pa.list_(STEP_TYPE))
+
+
+def scored_table(ids: Sequence[str], uris: Sequence[str], widths: Sequence[int], heights: Sequence[int],
+                 scores: BatchScores, names: Sequence[str], method: str, top_k: int,
+                 run_id: str) -> pa.Table:
+    """Rows with ``status='ok'`` for a scored batch, label and top-k from ``method``."""
+    count = len(ids)
+    k = min(top_k, len(names))
+    top_scores, top_index = scores.method(method).topk(k, dim=1)
+    columns = {
+        "id": pa.array(list(ids), pa.string()), "uri": pa.array(list(uris), pa.string()),
+        "status": pa.array(["ok"] * count, pa.string()), "error": pa.nulls(count, pa.string()),
+        "width": pa.array(list(widths), pa.int32()), "height": pa.array(list(heights), pa.int32()),
+        "label": pa.array(_labels(names, top_index[:, 0]), pa.string()),
+        "score": pa.array(top_scores[:, 0].numpy(), pa.float32()),
+        "topk_labels": pa.array(_labels(names, top_index), pa.list_(pa.string())),
+        "topk_scores": pa.array(top_scores.tolist(), pa.list_(pa.float32())),
+        "clip_label": _argmax_labels(names, scores.clip, count),
+        "cupl_label": _argmax_labels(names, scores.cupl, count),
+        "wca_label": _argmax_labels(names, scores.wca, count),
+        "steps": _steps_column(names, scores, k),
+        "run_id": pa.array([run_id] * count, pa.string()),
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Paths inside one output folder."""
+
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    @property
+    def data(self) -> str:
+        return self.path("data")
+
+    @property
+    def manifest(self) -> str:
+        return self.path("_lgca", "manifest.json")
+
+    def run(self, run_id: str) -> str:
+        return self.path("_lgca", "runs", f"{run_id}.json")
+
+
+def open_fs(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``uri`` configured with ``storage`` and the path on it."""
+    return fsspec.core.url_to_fs(uri, **storage.storage_options(fsspec.utils.get_protocol(uri)))
+
+
+def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
+    """Paths of the output's Parquet files (of one run when ``run_id`` is given)."""
+    fs, path = open_fs(layout.data, storage)
+    if not fs.exists(path):
+        return []
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    return [p for p in names if not run_id or p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
+
+
+def read_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "") -> pa.Array:
+    """One column of every complete data file; unreadable files (partial writes of a killed run)
+    are deleted so their images are labelled again."""
+    fs, _ = open_fs(layout.data, storage)
+    chunks = []
+    for path in data_files(layout, storage, run_id):
+        try:
+            with fs.open(path, "rb") as handle:
+                chunks.append(pq.read_table(handle, columns=[column]).column(column))
+        except (pa.ArrowInvalid, OSError) as exc:
+            log.warning("removing incomplete output file %s (%s); its images will be labelled again", path, exc)
+            fs.rm(path)
+    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], SCHEMA.field(column).type)
+
+
+def id_digests(ids: Sequence[str]) -> np.ndarray:
+    """128-bit digests of image ids (collisions are out of reach at any realistic scale)."""
+    return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
+
+
+@dataclass(frozen=True)
+class DoneIds:
+    """The ids already in the output, as a sorted array of digests (16 bytes an id)."""
+
+    digests: np.ndarray
+
+    @classmethod
+    def load(cls, layout: OutputLayout, storage: StorageConfig) -> DoneIds:
+        return cls(np.unique(id_digests(read_column(layout, storage, "id").to_pylist())))
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def contains(self, ids: Sequence[str]) -> np.ndarray:
+        """A boolean mask: which of ``ids`` are already labelled."""
+        if len(self.digests) == 0 or len(ids) == 0:
+            return np.zeros(len(ids), dtype=bool)
+        query = id_digests(ids)
+        pos = np.minimum(np.searchsorted(self.digests, query), len(self.digests) - 1)
+        return self.digests[pos] == query
+
+
+def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
+    """A JSON file's content, or None when it does not exist."""
+    fs, path = open_fs(uri, storage)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as handle:
+        return json.load(handle)
+
+
+def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> None:
+    """Write ``content`` as indented JSON (parents created)."""
+    fs, path = open_fs(uri, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+
+
+def check_manifest(layout: OutputLayout, fingerprint: dict[str, Any], storage: StorageConfig,
+                   overwrite: bool) -> None:
+    """Refuse to add rows scored differently from the output's existing rows.
+
+    With ``overwrite`` the existing output is removed instead; either way the new
+    manifest is written, before any cluster resource is used.
+    """
+    existing = read_json(layout.manifest, storage)
+    labelled = existing is not None and bool(data_files(layout, storage))
+    if labelled and existing != fingerprint and not overwrite:
+        changed = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
+        details = "; ".join(f"{k}: {existing.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"output: {layout.root} was labelled with other settings ({details}). Use a new --output, "
+            "or pass --overwrite to relabel everything")
+    if overwrite:
+        fs, path = open_fs(layout.root, storage)
+        for sub in ("data", "_lgca"):
+            if fs.exists(f"{path.rstrip('/')}/{sub}"):
+                fs.rm(f"{path.rstrip('/')}/{sub}", recursive=True)
+    write_json(layout.manifest, fingerprint, storage)

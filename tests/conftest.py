@@ -1,0 +1,80 @@
+"""Shared fixtures: a real S3 API on loopback (moto), a real local Ray cluster, a tiny checkpoint."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from moto.server import ThreadedMotoServer
+
+from pipeline.models import register_builtin_configs
+from tests.support import s3_client
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """A moto S3 server on loopback for the whole session; tests use their own buckets."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path) -> None:
+    """Fake credentials and no stray AWS configuration from the host."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def bucket(moto_endpoint, aws_env) -> str:
+    """A fresh, empty bucket on the loopback S3 server."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(moto_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight lgca-tiny state_dict saved with torch.save (fixed seed)."""
+    register_builtin_configs()
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(open_clip.create_model("lgca-tiny").state_dict(), path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory) -> str:
+    """A real local Ray cluster (``ray start --head`` on loopback, 2 CPUs); yields its address."""
+    import ray
+
+    port = _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp = tmp_path_factory.mktemp("ray")
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    address = f"127.0.0.1:{port}"
+    ray.init(address=address)
+    yield address
+    ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], check=False, capture_output=True)
