@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from .config import ModelConfig, ScoringParams, StorageConfig
-from .decode import pixels_array
+from .decode import error_message, pixels_array
 from .engine import Engine, ImageInput
 from .models import load_model
 from .prompts import ClassSet
@@ -46,11 +46,12 @@ class LabelActor:
         """Score the decoded rows of ``batch``; returns one output row per input row."""
         rows = {name: _column(batch, name) for name in
                 ("id", "uri", "pixels", "work_h", "work_w", "width", "height", "error")}
-        good = [i for i, error in enumerate(rows["error"]) if not error]
-        bad = [i for i, error in enumerate(rows["error"]) if error]
+        errors = [error_message(value) for value in rows["error"]]
+        good = [i for i, error in enumerate(errors) if error is None]
+        bad = [i for i, error in enumerate(errors) if error is not None]
         tables = [self._score(rows, good)] if good else []
         if bad:
-            tables.append(self._errors(rows, bad, [rows["error"][i] for i in bad]))
+            tables.append(self._errors(rows, bad, [errors[i] for i in bad]))
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
     def _score(self, rows: dict[str, list], index: list[int]) -> pa.Table:

@@ -203,8 +203,8 @@ def _is_missing(value: object) -> bool:
     return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
 
 
-def _upstream_error(value: object) -> str | None:
-    """A read error carried in from an earlier stage: None, NaN and '' mean none."""
+def error_message(value: object) -> str | None:
+    """The error carried in an ``error`` column cell: None, NaN and '' mean none."""
     if _is_missing(value):
         return None
     if not isinstance(value, str):
@@ -243,7 +243,7 @@ def decode_batch(batch: dict[str, np.ndarray | list], limits: DecodeLimits) -> d
         raise ValueError("decode_batch: columns id, uri, bytes and error must have the same length")
     out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
     for row_id, uri, blob, read_error in zip(ids, uris, data, upstream):
-        message = _upstream_error(read_error)
+        message = error_message(read_error)
         decoded = _failed(message) if message else decode_image(_as_bytes(blob), limits)
         pixels = decoded.pixels
         out["id"].append(str(row_id))

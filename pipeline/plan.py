@@ -6,6 +6,7 @@ file URIs (or shard URIs) only; bytes, pixels and scores live in Ray's object st
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import reduce
 
@@ -23,6 +24,14 @@ from .sources import read_files_batch, read_parquet_batch, read_tar_batch
 
 FILES_PER_READ = 32  # file URIs per read task batch
 DECODE_BATCH = 8  # images per decode call
+FORWARDED_ENV_PREFIXES = ("AWS_",)  # object-storage settings the driver passes to every worker
+
+
+def worker_env() -> dict:
+    """Ray remote args that give tasks and actors the driver's AWS_* settings (endpoint,
+    credentials, profile, region), so object storage is reached the same way everywhere."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 @dataclass(frozen=True)
@@ -66,18 +75,19 @@ def _items(uris: tuple[str, ...], per_block: int) -> ray.data.Dataset:
 
 def read_stage(work: WorkList, job: LabelJob, done: DoneIds) -> ray.data.Dataset:
     """Rows ``id, uri, bytes, error`` of every image still to label."""
-    storage = job.storage
+    storage, remote = job.storage, worker_env()
     parts = []
     if work.files:
         parts.append(_items(work.files, FILES_PER_READ).map_batches(
-            read_files_batch, fn_kwargs={"storage": storage}, batch_size=FILES_PER_READ))
+            read_files_batch, fn_kwargs={"storage": storage}, batch_size=FILES_PER_READ, **remote))
     shard_readers = [(work.tars, read_tar_batch, {}),
                      (work.parquets, read_parquet_batch, {"image_column": job.inputs.image_column,
                                                           "id_column": job.inputs.id_column})]
     for shards, reader, extra in shard_readers:
         if shards:
-            rows = _items(shards, 1).map_batches(reader, fn_kwargs={"storage": storage, **extra}, batch_size=1)
-            parts.append(rows.map_batches(drop_done, fn_kwargs={"done": done}) if len(done) else rows)
+            rows = _items(shards, 1).map_batches(reader, fn_kwargs={"storage": storage, **extra},
+                                                 batch_size=1, **remote)
+            parts.append(rows.map_batches(drop_done, fn_kwargs={"done": done}, **remote) if len(done) else rows)
     return reduce(lambda a, b: a.union(b), parts)
 
 
@@ -87,14 +97,15 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_i
     scoring, res = job.scoring, job.resources
     short_side = math.ceil(image_size / scoring.alpha) if scoring.needs_crops else image_size
     limits = DecodeLimits(max_short_side=short_side, max_pixels=res.max_pixels)
+    remote = worker_env()
     decoded = read_stage(work, job, done).map_batches(
-        decode_batch, fn_kwargs={"limits": limits}, batch_size=DECODE_BATCH)
+        decode_batch, fn_kwargs={"limits": limits}, batch_size=DECODE_BATCH, **remote)
     return decoded.map_batches(
         LabelActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=res.actors_min, max_size=res.actors_max),
         fn_constructor_kwargs={"model": job.model, "classes": classes, "scoring": scoring,
                                "storage": job.storage, "run_id": run_id},
-        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor)
+        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, **remote)
 
 
 def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id: str) -> None:
@@ -103,5 +114,5 @@ def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id
     fs.makedirs(path, exist_ok=True)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     dataset.write_parquet(path, filesystem=filesystem, filename_provider=RunFiles(run_id),
-                          min_rows_per_file=job.resources.batch_size)
+                          min_rows_per_file=job.resources.batch_size, ray_remote_args=worker_env())
 

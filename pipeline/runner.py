@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from .sources import detect_kind, list_image_files, list_shards
 
 log = logging.getLogger(__name__)
 
-AWS_ENV_PREFIXES = ("AWS_",)
 PACKAGES = ("lgca-pipeline", "torch", "open_clip_torch", "ray", "pyarrow", "fsspec", "s3fs")
 
 
@@ -100,13 +98,11 @@ def prepare(job: LabelJob) -> tuple[ClassSet, int]:
 
 
 def start_ray(job: LabelJob) -> None:
-    """Connect to ``job.address`` / ``RAY_ADDRESS``, or start a local Ray; AWS_* settings follow."""
+    """Connect to ``job.address`` / ``RAY_ADDRESS``, or start a local Ray (the embedded default)."""
     import ray
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(AWS_ENV_PREFIXES)}
     if not ray.is_initialized():
-        ray.init(address=job.address or None, runtime_env={"env_vars": env} if env else None,
-                 log_to_driver=True)
+        ray.init(address=job.address or None)
 
 
 def run_label_job(job: LabelJob) -> RunSummary:

@@ -1,9 +1,12 @@
 """Shared fixtures: a real S3 API on loopback (moto), a real local Ray cluster, a tiny checkpoint."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +17,10 @@ from moto.server import ThreadedMotoServer
 
 from pipeline.models import register_builtin_configs
 from tests.support import s3_client
+
+# Ray 2.60 starts clusters with token authentication; its clients send the token only when
+# RAY_AUTH_MODE=token is set before Ray first reads it (at import), hence here.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @pytest.fixture(scope="session")
@@ -62,19 +69,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory) -> str:
-    """A real local Ray cluster (``ray start --head`` on loopback, 2 CPUs); yields its address."""
-    import ray
+def stop_cluster(temp_dir: Path) -> None:
+    """Kill the processes of the Ray cluster whose temp dir is ``temp_dir`` (and no other cluster)."""
+    marker = str(temp_dir).encode()
+    for _ in range(2):
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
+        time.sleep(0.5)
 
+
+def start_cluster(temp_dir: Path, *extra: str) -> str:
+    """``ray start --head`` on loopback with 2 CPUs and token authentication; returns the GCS address."""
     port = _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    temp = tmp_path_factory.mktemp("ray")
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",
-                    "--disable-usage-stats"], check=True, capture_output=True)
-    address = f"127.0.0.1:{port}"
+                    "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra],
+                   check=True, capture_output=True)
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory) -> str:
+    """A real local Ray cluster (``ray start --head``), connected to from this process."""
+    import ray
+
+    temp = tmp_path_factory.mktemp("ray")
+    address = start_cluster(temp, "--include-dashboard=false")
     ray.init(address=address)
     yield address
     ray.shutdown()
-    subprocess.run([ray_bin, "stop", "--force"], check=False, capture_output=True)
+    stop_cluster(temp)
