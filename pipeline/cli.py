@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from . import explain, query
 from .config import ConfigError
 from .jobspec import add_label_arguments, job_from_args
 from .sources import SourceError
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     label = commands.add_parser("label", help="label images into Parquet (incremental, resumable)")
     add_label_arguments(label)
     label.set_defaults(handler=_label)
+    for module in (query, explain):
+        module.register(commands)
     return parser
 
 
