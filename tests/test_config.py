@@ -1,0 +1,47 @@
+"""Config validation: every bad value names its field and what to do."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
+                             StorageConfig, TextConfig, parse_aggregation)
+
+
+def test_aggregation_weights():
+    assert parse_aggregation("mean", 3) == (0.25, 0.25, 0.25, 0.25)
+    assert parse_aggregation("last", 2) == (0.0, 0.0, 1.0)
+    assert parse_aggregation("0.5,0.25,0.25", 2) == (0.5, 0.25, 0.25)
+    assert ScoringParams(steps=0).step_weights == (1.0,)
+
+
+def test_method_costs():
+    assert ScoringParams().encoder_inputs_per_image() == 79
+    assert ScoringParams(method="wca").encoder_inputs_per_image() == 61
+    assert ScoringParams(method="clip").encoder_inputs_per_image() == 1
+    assert ScoringParams().lambda_v == pytest.approx(math.e ** 4)
+    assert ScoringParams().lambda_t == pytest.approx(math.e ** 2)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: ScoringParams(method="xyz"), "method"),
+    (lambda: ScoringParams(alpha=0.9, beta=0.5), "alpha/beta"),
+    (lambda: ScoringParams(expand_top=61), "expand_top"),
+    (lambda: ScoringParams(expand_ratio=0.9), "expand_ratio"),
+    (lambda: ScoringParams(aggregation="median"), "aggregation"),
+    (lambda: ScoringParams(steps=-1), "steps"),
+    (lambda: ModelConfig(precision="fp8"), "precision"),
+    (lambda: ModelConfig(device="tpu"), "device"),
+    (lambda: ModelConfig(device="cpu", precision="fp16"), "precision"),
+    (lambda: TextConfig(classes=" "), "classes"),
+    (lambda: InputConfig(()), "input"),
+    (lambda: InputConfig(("x",), format="zip"), "input_format"),
+    (lambda: ResourceConfig(actors_min=0), "actors"),
+    (lambda: ResourceConfig(batch_size=0), "batch_size"),
+    (lambda: StorageConfig(endpoint_url="localhost:9000"), "endpoint_url"),
+    (lambda: LabelJob(inputs=InputConfig(("x",)), output="", text=TextConfig("a")), "output"),
+])
+def test_invalid_values_name_their_field(make, field):
+    with pytest.raises(ConfigError, match=f"^{field}"):
+        make()

@@ -1,0 +1,80 @@
+"""Job specs: one option table for flags and YAML, flags winning, typed conversion."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.jobspec import (OPTIONS, add_label_arguments, build_job, job_from_args, job_to_options,
+                              parse_actors, read_job_file)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_label_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_yaml_keys_are_the_flag_names_and_flags_win(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({
+        "input": ["s3://b/one/", "s3://b/two/"], "output": "s3://b/labels", "classes": "cat,dog",
+        "gpus_per_actor": 1, "actors": "2-8", "crops": 30, "anon": True, "method": "wca"}))
+    job = job_from_args(parse("--config", str(spec), "--crops", "45", "--input", "/data/x"))
+    assert job.inputs.uris == ("/data/x",)  # a repeated flag replaces the file's list
+    assert job.scoring.crops == 45 and job.scoring.method == "wca"
+    assert (job.resources.actors_min, job.resources.actors_max, job.resources.gpus_per_actor) == (2, 8, 1.0)
+    assert job.storage.anon is True and job.output == "s3://b/labels"
+
+
+def test_defaults_are_the_method_references():
+    job = build_job({"input": ["x"], "output": "o", "classes": "a,b"})
+    assert (job.scoring.crops, job.scoring.alpha, job.scoring.beta, job.scoring.steps,
+            job.scoring.expand_top, job.scoring.expand_ratio, job.scoring.method) == (60, 0.5, 0.9, 3, 6, 1.25, "lgca")
+    assert job.resources.gpus_per_actor == 0 and job.model.name == "ViT-B-32"
+
+
+def test_round_trip_through_options():
+    job = build_job({"input": ["x", "y"], "output": "o", "classes": "a,b", "actors": "3", "seed": 7,
+                     "aggregation": "0.1,0.2,0.3,0.4"})
+    assert build_job(job_to_options(job)) == job
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"output": "o", "classes": "a"}, "input: missing"),
+    ({"input": ["x"], "output": "o", "classes": "a", "crops": "many"}, "crops: 'many' is not valid"),
+    ({"input": ["x"], "output": "o", "classes": "a", "actors": "two"}, "actors: 'two' is not N or MIN-MAX"),
+    ({"input": ["x"], "output": "o", "classes": "a", "anon": "maybe"}, "anon: 'maybe' is not valid"),
+    ({"input": ["x"], "output": "o", "classes": "a", "device": "cuda"}, "needs gpus_per_actor > 0"),
+    ({"input": ["x"], "output": "o", "classes": "a", "name": "my job"}, "name: 'my job'"),
+])
+def test_invalid_options_name_the_option(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_job(options)
+
+
+def test_job_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_job_file(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [x\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_job_file(str(bad))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        read_job_file(str(listed))
+
+
+def test_actor_ranges():
+    assert parse_actors("4") == (4, 4) and parse_actors("1-8") == (1, 8) and parse_actors(2) == (2, 2)
+
+
+def test_every_option_has_a_flag_and_help():
+    parser = argparse.ArgumentParser()
+    add_label_arguments(parser)
+    flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
+    assert {f"--{o.flag}" for o in OPTIONS} <= flags
+    assert all(o.help for o in OPTIONS)

@@ -1,0 +1,99 @@
+"""The output schema, result rows, done ids and the manifest check."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import ConfigError, StorageConfig
+from pipeline.engine import BatchScores
+from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, error_table, read_column,
+                           scored_table)
+
+NAMES = ["cat", "dog", "owl"]
+LOCAL = StorageConfig()
+
+
+def batch_scores() -> BatchScores:
+    """Two images, 3 classes, T=1, N=3, K=1, with known numbers."""
+    steps = torch.tensor([[[0.1, 0.5, 0.2], [0.3, 0.2, 0.1]],
+                          [[0.2, 0.4, 0.6], [0.9, 0.1, 0.0]]])
+    boxes = torch.zeros(2, 2, 3, 4, dtype=torch.float64)
+    boxes[1, 0, 2] = torch.tensor([1.0, 2.0, 11.0, 12.0], dtype=torch.float64)
+    boxes[1, 1, 0] = torch.tensor([0.0, 0.0, 5.0, 5.0], dtype=torch.float64)
+    return BatchScores(clip=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+                       cupl=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+                       wca=steps[0], steps=steps, lgca=steps.mean(0), boxes=boxes,
+                       weights=torch.full((2, 2, 3), 1 / 3), expanded=torch.tensor([[[2], [0]]]))
+
+
+def test_scored_rows_hold_the_labels_scores_and_steps():
+    table = scored_table(["a", "b"], ["u/a", "u/b"], [640, 10], [480, 10], batch_scores(), NAMES,
+                         "lgca", 2, "run-1")
+    assert table.schema == SCHEMA
+    rows = table.to_pylist()
+    assert [r["label"] for r in rows] == ["dog", "cat"]  # lgca = mean of the two steps
+    assert rows[0]["topk_labels"] == ["dog", "owl"] and rows[1]["topk_labels"] == ["cat", "dog"]
+    np.testing.assert_allclose(rows[0]["topk_scores"], [0.45, 0.4], atol=1e-6)
+    np.testing.assert_allclose(rows[1]["topk_scores"], [0.6, 0.15], atol=1e-6)
+    assert rows[0]["score"] == pytest.approx(0.45)
+    assert [r["clip_label"] for r in rows] == ["cat", "owl"]
+    assert [r["cupl_label"] for r in rows] == ["dog", "owl"]
+    assert [r["wca_label"] for r in rows] == ["dog", "cat"]
+    first = rows[0]["steps"]
+    assert [s["step"] for s in first] == [0, 1]
+    assert first[0]["topk_labels"] == ["dog", "owl"] and first[0]["expanded_boxes"] == []
+    assert first[1]["topk_labels"] == ["owl", "dog"]
+    assert first[1]["expanded_boxes"] == [[1.0, 2.0, 11.0, 12.0]]
+    assert rows[1]["steps"][1]["expanded_boxes"] == [[0.0, 0.0, 5.0, 5.0]]
+    assert rows[1]["status"] == "ok" and rows[1]["error"] is None and rows[1]["run_id"] == "run-1"
+
+
+def test_lgca_label_is_the_argmax_of_the_step_mean():
+    scores = batch_scores()
+    table = scored_table(["a", "b"], ["a", "b"], [1, 1], [1, 1], scores, NAMES, "lgca", 3, "r")
+    expected = scores.steps.mean(0)  # a_t = 1/(T+1)
+    for row, values in zip(table.to_pylist(), expected):
+        np.testing.assert_allclose(row["topk_scores"], values.sort(descending=True).values.numpy(), atol=1e-6)
+
+
+def test_error_rows_have_no_labels():
+    table = error_table(["x"], ["u"], ["decode: broken"], [0], [0], "r")
+    assert table.schema == SCHEMA
+    row = table.to_pylist()[0]
+    assert row["status"] == "error" and row["error"] == "decode: broken"
+    assert row["label"] is None and row["steps"] is None and row["topk_labels"] is None
+
+
+def write_rows(root, name, ids):
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(error_table(ids, ids, ["e"] * len(ids), [0] * len(ids), [0] * len(ids), "r"),
+                   root / "data" / name)
+
+
+def test_done_ids_and_partial_files(tmp_path):
+    write_rows(tmp_path, "r1_a_000000-0.parquet", ["s3://b/1.jpg", "s3://b/2.jpg"])
+    write_rows(tmp_path, "r2_a_000000-0.parquet", ["s3://b/3.jpg"])
+    (tmp_path / "data" / "r2_a_000001-0.parquet").write_bytes(b"PAR1 cut short")
+    layout = OutputLayout(str(tmp_path))
+    done = DoneIds.load(layout, LOCAL)
+    assert len(done) == 3
+    assert done.contains(["s3://b/2.jpg", "s3://b/4.jpg", "s3://b/3.jpg"]).tolist() == [True, False, True]
+    assert not (tmp_path / "data" / "r2_a_000001-0.parquet").exists()  # removed, to be relabelled
+    assert read_column(layout, LOCAL, "id", run_id="r2").to_pylist() == ["s3://b/3.jpg"]
+    assert DoneIds.load(OutputLayout(str(tmp_path / "empty")), LOCAL).contains(["x"]).tolist() == [False]
+
+
+def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
+    write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
+    check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)  # same: fine
+    with pytest.raises(ConfigError, match=r"scoring: \{'crops': 60\} -> \{'crops': 30\}.*--overwrite"):
+        check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=False)
+    check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
+    assert not (tmp_path / "data").exists()
+    assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["scoring"] == {"crops": 30}
