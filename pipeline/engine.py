@@ -96,24 +96,26 @@ class Engine:
         with torch.inference_mode():
             pixels = pad_batch([im.pixels for im in images], [(im.height, im.width) for im in images],
                                self.device)
-            full = torch.tensor(np.stack([full_view_box(im.height, im.width, self.preprocess.resize_mode)
-                                          for im in images]), device=self.device)
-            k0 = self._encode(pixels, full[:, None])[:, 0]
+            views = torch.tensor(np.stack([full_view_box(im.height, im.width, self.preprocess.resize_mode)
+                                           for im in images]), device=self.device)[:, None]
+            if params.needs_crops:  # the full view and the N crops in one encoder pass
+                boxes = torch.tensor(np.stack([
+                    sample_boxes(params.seed, im.image_id, im.height, im.width,
+                                 params.crops, params.alpha, params.beta) for im in images]),
+                    device=self.device)
+                views = torch.cat([views, boxes], dim=1)
+            embedded = self._encode(pixels, views)
+            k0 = embedded[:, 0]
             clip, cupl = k0 @ self.bank.anchors.T, k0 @ self.bank.cupl.T
             if not params.needs_crops:
                 return BatchScores(clip=clip.cpu(), cupl=cupl.cpu())
-            boxes = torch.tensor(np.stack([
-                sample_boxes(params.seed, im.image_id, im.height, im.width,
-                             params.crops, params.alpha, params.beta) for im in images]),
-                device=self.device)
             sizes = torch.tensor([[im.height, im.width] for im in images], device=self.device)
-            return self._crop_steps(pixels, k0, boxes, sizes, clip, cupl)
+            return self._crop_steps(pixels, k0, views[:, 1:], embedded[:, 1:], sizes, clip, cupl)
 
-    def _crop_steps(self, pixels: PixelBatch, k0: torch.Tensor, boxes: torch.Tensor,
+    def _crop_steps(self, pixels: PixelBatch, k0: torch.Tensor, boxes: torch.Tensor, crops: torch.Tensor,
                     sizes: torch.Tensor, clip: torch.Tensor, cupl: torch.Tensor) -> BatchScores:
         """WCA on the sampled boxes (step 0), then LGCA's expansion steps 1..T."""
         params = self.params
-        crops = self._encode(pixels, boxes)
         weights = self._crop_weights(crops, k0)
         scores = [self._wca(crops, weights)]
         all_boxes, all_weights, expanded = [boxes], [weights], []
