@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 
 import boto3
 import numpy as np
@@ -26,4 +27,15 @@ def encode(image: np.ndarray | Image.Image, fmt: str = "JPEG", **params) -> byte
     pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
     buffer = io.BytesIO()
     pil.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def make_tar(members: dict[str, bytes]) -> bytes:
+    """A tar archive (WebDataset shard) holding ``{name: bytes}``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
     return buffer.getvalue()

@@ -1,10 +1,8 @@
 """End to end on a real local Ray cluster: labels, error rows, incremental runs, refusals."""
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +20,7 @@ from pipeline.models import load_model
 from pipeline.prompts import load_class_set
 from pipeline.runner import run_label_job
 from pipeline.sink import SCHEMA, OutputLayout, read_column
-from tests.support import encode, upload
+from tests.support import make_tar, encode, upload
 
 CLASSES = "cat,astronaut,coffee,rocket,camera man"
 SCORING = ScoringParams(crops=10, steps=2, expand_top=3, top_k=3, seed=5)
@@ -198,16 +196,6 @@ def test_changed_settings_are_refused_unless_overwrite(ray_cluster, folder, tmp_
     table = read_output(job.output)
     assert table.num_rows == relabelled.ok + relabelled.errors == first.ok + first.errors
     assert set(table.column("run_id").to_pylist()) == {relabelled.run_id}
-
-
-def make_tar(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return buffer.getvalue()
 
 
 def test_tar_shards_and_parquet_inputs(ray_cluster, tmp_path, tiny_checkpoint):

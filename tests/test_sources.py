@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data as photos
 
 from pipeline.config import ConfigError
-from tests.support import s3_client, upload
+from tests.support import make_tar, s3_client, upload
 from pipeline.sources import (
     SourceError,
     StorageConfig,
@@ -192,16 +192,6 @@ def test_s3_filesystem_and_missing_prefix(moto_endpoint, bucket):
 
 
 # ---------------------------------------------------------------- tar shards
-
-
-def make_tar(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-    return buffer.getvalue()
 
 
 @pytest.fixture

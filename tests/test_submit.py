@@ -201,13 +201,14 @@ def test_auth_token_sources_in_rays_order(tmp_path):
     (home / ".ray" / "auth_token").write_text("from-home\n")
     named = tmp_path / "named-token"
     named.write_text("  from-path  \n")
-    assert submit.auth_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(named)}, home) == "from-env"
-    assert submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(named)}, home) == "from-path"
-    assert submit.auth_token({}, home) == "from-home"
-    assert submit.auth_token({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "x"}, home) is None
-    assert submit.auth_token({}, tmp_path / "nobody") is None
-    with pytest.raises(ConfigError, match="RAY_AUTH_TOKEN_PATH"):
-        submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home)
+    env = {"HOME": str(home)}
+    assert submit.auth_token({**env, "RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(named)}) == "from-env"
+    assert submit.auth_token({**env, "RAY_AUTH_TOKEN_PATH": str(named)}) == "from-path"
+    assert submit.auth_token(env) == "from-home"
+    assert submit.auth_token({**env, "RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "x"}) is None
+    assert submit.auth_token({"HOME": str(tmp_path / "nobody")}) is None
+    with pytest.raises(ConfigError, match="RAY_AUTH_TOKEN_PATH: .*missing is not a file"):
+        submit.auth_token({**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
 
 
 def test_bad_spec_fails_before_the_cluster_is_contacted(tmp_path, lgca, clean_env, capsys):
