@@ -261,3 +261,13 @@ def test_figure1_expansion_moves_the_decision_from_the_crops_to_the_whole(seed):
     assert names[int(result.steps[-1, 0].argmax())] == "purple"
     top = result.boxes[-1, 0, int(result.weights[-1, 0].argmax())]
     assert top[0] < 18 and top[2] > 102
+
+
+def test_the_engine_imports_neither_ray_nor_open_clip():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.engine; "
+            "print(sorted(m for m in ('ray', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
