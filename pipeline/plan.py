@@ -47,8 +47,13 @@ class WorkList:
         return not (self.files or self.tars or self.parquets)
 
 
-def drop_done(batch: dict[str, np.ndarray], done: DoneIds) -> dict[str, np.ndarray]:
-    """Remove rows whose id is already in the output (shard inputs are filtered after reading)."""
+def drop_done(batch: dict[str, np.ndarray], done: DoneIds | ray.ObjectRef) -> dict[str, np.ndarray]:
+    """Remove rows whose id is already in the output (shard inputs are filtered after reading).
+
+    ``done`` comes as an object-store reference, so every task shares one copy of the digests.
+    """
+    if isinstance(done, ray.ObjectRef):
+        done = ray.get(done)
     keep = ~done.contains(list(batch["id"]))
     return {name: np.asarray(values)[keep] for name, values in batch.items()}
 
@@ -76,6 +81,7 @@ def _items(uris: tuple[str, ...], per_block: int) -> ray.data.Dataset:
 def read_stage(work: WorkList, job: LabelJob, done: DoneIds) -> ray.data.Dataset:
     """Rows ``id, uri, bytes, error`` of every image still to label."""
     storage, remote = job.storage, worker_env()
+    done_ref = ray.put(done) if len(done) else None
     parts = []
     if work.files:
         parts.append(_items(work.files, FILES_PER_READ).map_batches(
@@ -87,7 +93,8 @@ def read_stage(work: WorkList, job: LabelJob, done: DoneIds) -> ray.data.Dataset
         if shards:
             rows = _items(shards, 1).map_batches(reader, fn_kwargs={"storage": storage, **extra},
                                                  batch_size=1, **remote)
-            parts.append(rows.map_batches(drop_done, fn_kwargs={"done": done}, **remote) if len(done) else rows)
+            parts.append(rows.map_batches(drop_done, fn_kwargs={"done": done_ref}, **remote)
+                         if done_ref is not None else rows)
     return reduce(lambda a, b: a.union(b), parts)
 
 
