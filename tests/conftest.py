@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 from moto.server import ThreadedMotoServer
 
 from pipeline.models import register_builtin_configs
-from tests.support import s3_client
+from tests.support import free_port, s3_client
 
 # Ray 2.60 starts clusters with token authentication; its clients send the token only when
 # RAY_AUTH_MODE=token is set before Ray first reads it (at import), hence here.
@@ -63,12 +62,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def stop_cluster(temp_dir: Path) -> None:
     """Kill the processes of the Ray cluster whose temp dir is ``temp_dir`` (and no other cluster)."""
     marker = str(temp_dir).encode()
@@ -84,7 +77,7 @@ def stop_cluster(temp_dir: Path) -> None:
 
 def start_cluster(temp_dir: Path, *extra: str) -> str:
     """``ray start --head`` on loopback with 2 CPUs and token authentication; returns the GCS address."""
-    port = _free_port()
+    port = free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra],

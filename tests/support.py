@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import tarfile
 
 import boto3
@@ -39,3 +40,10 @@ def make_tar(members: dict[str, bytes]) -> bytes:
             info.size = len(payload)
             archive.addfile(info, io.BytesIO(payload))
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
