@@ -38,9 +38,7 @@ class LabelActor:
         self.names = classes.names
         self.scoring = scoring
         self.run_id = run_id
-        self.engine = Engine(loaded.model, loaded.tokenizer, classes.names,
-                             [classes.prompts(i) for i in range(len(classes.names))],
-                             classes.descriptions, scoring, loaded.preprocess, loaded.device, loaded.dtype)
+        self.engine = Engine.for_classes(loaded, classes, scoring)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         """Score the decoded rows of ``batch``; returns one output row per input row."""

@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import explain, query, submit
+from . import bench, evaluate, explain, query, submit
 from .config import ConfigError
 from .jobspec import add_label_arguments, job_from_args
 from .sources import SourceError
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     label = commands.add_parser("label", help="label images into Parquet (incremental, resumable)")
     add_label_arguments(label)
     label.set_defaults(handler=_label)
-    for module in (submit, query, explain):
+    for module in (submit, query, explain, evaluate, bench):
         module.register(commands)
     return parser
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import ConfigError
+from .config import ConfigError, ScoringParams
 
 WHITE = (255, 255, 255)
 OUTPUT_COLUMNS = ("id", "uri", "pixels", "work_h", "work_w", "width", "height", "error")
@@ -76,6 +76,14 @@ class DecodeLimits:
                 f"max_pixels: {self.max_pixels} is above Pillow's own decompression-bomb limit "
                 f"of {2 * pillow_limit} pixels (2 * PIL.Image.MAX_IMAGE_PIXELS), which rejects "
                 "those images first; lower max_pixels or raise PIL.Image.MAX_IMAGE_PIXELS")
+
+    @classmethod
+    def for_model(cls, image_size: int, scoring: ScoringParams, max_pixels: int = 178_956_970) -> DecodeLimits:
+        """Limits for a model with ``image_size`` inputs: a short side of ``ceil(size / alpha)``
+        when crops are scored (the smallest crop, alpha * min(H, W), is then never upsampled),
+        else ``size`` (the full view alone)."""
+        short_side = math.ceil(image_size / scoring.alpha) if scoring.needs_crops else image_size
+        return cls(max_short_side=short_side, max_pixels=max_pixels)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,14 @@ class Engine:
         self.bank: TextBank = build_text_bank(
             model, tokenizer, names, prompts, descriptions, params.lambda_t, text_batch_size, device)
 
+    @classmethod
+    def for_classes(cls, loaded, classes, params: ScoringParams) -> Engine:
+        """An engine for a loaded model (:class:`pipeline.models.LoadedModel`) and a
+        :class:`pipeline.prompts.ClassSet` (both duck-typed: no open_clip import here)."""
+        return cls(loaded.model, loaded.tokenizer, classes.names,
+                   [classes.prompts(i) for i in range(len(classes.names))], classes.descriptions,
+                   params, loaded.preprocess, loaded.device, loaded.dtype)
+
     def score(self, images: Sequence[ImageInput]) -> BatchScores:
         """Score a batch; see :class:`BatchScores` for what is returned."""
         params = self.params

@@ -216,11 +216,9 @@ def explain_image(uri: str, text: TextConfig, model: ModelConfig, scoring: Scori
         raise ConfigError(f"method: explain shows LGCA steps; got method={scoring.method!r}")
     classes = load_class_set(text, storage.storage_options(fsspec.utils.get_protocol(text.classes)))
     loaded = load_model(model, storage.storage_options(fsspec.utils.get_protocol(model.pretrained)))
-    limits = DecodeLimits(max_short_side=math.ceil(loaded.preprocess.image_size / scoring.alpha))
+    limits = DecodeLimits.for_model(loaded.preprocess.image_size, scoring)
     image = read_image(uri, storage, limits, image_id)
-    engine = Engine(loaded.model, loaded.tokenizer, classes.names,
-                    [classes.prompts(i) for i in range(len(classes.names))], classes.descriptions,
-                    scoring, loaded.preprocess, loaded.device, loaded.dtype)
+    engine = Engine.for_classes(loaded, classes, scoring)
     description = (f"{image.image_id}  {image.width}x{image.height};  {loaded.name} ({model.pretrained}); "
                    f"seed {scoring.seed}, N={scoring.crops}, T={scoring.steps}, K={scoring.expand_top}, "
                    f"r={scoring.expand_ratio:g}")

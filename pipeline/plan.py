@@ -5,12 +5,9 @@ file URIs (or shard URIs) only; bytes, pixels and scores live in Ray's object st
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
-from functools import reduce
 
-import numpy as np
 import pyarrow.fs as pafs
 import ray
 from ray.data.datasource import FilenameProvider
@@ -22,7 +19,7 @@ from .prompts import ClassSet
 from .sink import DoneIds, OutputLayout, open_fs
 from .sources import read_files_batch, read_parquet_batch, read_tar_batch
 
-FILES_PER_READ = 32  # file URIs per read task batch
+FILES_PER_READ = 32  # loose files per read task
 DECODE_BATCH = 8  # images per decode call
 FORWARDED_ENV_PREFIXES = ("AWS_",)  # object-storage settings the driver passes to every worker
 
@@ -47,15 +44,10 @@ class WorkList:
         return not (self.files or self.tars or self.parquets)
 
 
-def drop_done(batch: dict[str, np.ndarray], done: DoneIds | ray.ObjectRef) -> dict[str, np.ndarray]:
-    """Remove rows whose id is already in the output (shard inputs are filtered after reading).
-
-    ``done`` comes as an object-store reference, so every task shares one copy of the digests.
-    """
-    if isinstance(done, ray.ObjectRef):
-        done = ray.get(done)
+def drop_done(batch: dict[str, list], done: DoneIds) -> dict[str, list]:
+    """Remove rows whose id is already in the output (shard rows are known only once read)."""
     keep = ~done.contains(list(batch["id"]))
-    return {name: np.asarray(values)[keep] for name, values in batch.items()}
+    return {name: [v for v, k in zip(values, keep) if k] for name, values in batch.items()}
 
 
 class RunFiles(FilenameProvider):
@@ -73,40 +65,50 @@ class RunFiles(FilenameProvider):
         return f"{self.run_id}_{write_uuid}_{task_index:06d}.parquet"
 
 
-def _items(uris: tuple[str, ...], per_block: int) -> ray.data.Dataset:
-    return ray.data.from_items([{"uri": u} for u in uris],
-                               override_num_blocks=max(1, math.ceil(len(uris) / per_block)))
+def work_items(work: WorkList) -> list[dict]:
+    """Read tasks: up to FILES_PER_READ loose files, or one tar or Parquet shard, each."""
+    files = [{"kind": "files", "uris": list(work.files[i:i + FILES_PER_READ])}
+             for i in range(0, len(work.files), FILES_PER_READ)]
+    return files + [{"kind": "tar", "uris": [u]} for u in work.tars] + \
+        [{"kind": "parquet", "uris": [u]} for u in work.parquets]
 
 
-def read_stage(work: WorkList, job: LabelJob, done: DoneIds) -> ray.data.Dataset:
-    """Rows ``id, uri, bytes, error`` of every image still to label."""
-    storage, remote = job.storage, worker_env()
-    done_ref = ray.put(done) if len(done) else None
-    parts = []
-    if work.files:
-        parts.append(_items(work.files, FILES_PER_READ).map_batches(
-            read_files_batch, fn_kwargs={"storage": storage}, batch_size=FILES_PER_READ, **remote))
-    shard_readers = [(work.tars, read_tar_batch, {}),
-                     (work.parquets, read_parquet_batch, {"image_column": job.inputs.image_column,
-                                                          "id_column": job.inputs.id_column})]
-    for shards, reader, extra in shard_readers:
-        if shards:
-            rows = _items(shards, 1).map_batches(reader, fn_kwargs={"storage": storage, **extra},
-                                                 batch_size=1, **remote)
-            parts.append(rows.map_batches(drop_done, fn_kwargs={"done": done_ref}, **remote)
-                         if done_ref is not None else rows)
-    return reduce(lambda a, b: a.union(b), parts)
+def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None) -> dict[str, list]:
+    """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`)."""
+    storage, inputs = job.storage, job.inputs
+    columns: dict[str, list] = {name: [] for name in ("id", "uri", "bytes", "error")}
+    for kind, uris in zip(batch["kind"], batch["uris"]):
+        uris = {"uri": list(uris)}
+        if kind == "files":
+            rows = read_files_batch(uris, storage)
+        elif kind == "tar":
+            rows = read_tar_batch(uris, storage)
+        else:
+            rows = read_parquet_batch(uris, storage, inputs.image_column, inputs.id_column)
+        for name in columns:
+            columns[name].extend(rows[name])
+    if done is not None:
+        columns = drop_done(columns, ray.get(done) if isinstance(done, ray.ObjectRef) else done)
+    return columns
 
 
 def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_id: str,
           image_size: int) -> ray.data.Dataset:
-    """The whole plan up to (not including) the write."""
+    """The whole plan up to (not including) the write.
+
+    On CPU-only runs the read and decode stages ask for the same CPUs as the model actor,
+    so Ray fuses them into it: the actor's CPUs are the machine's, and no task waits for a
+    CPU an actor holds. With GPUs they run as separate CPU tasks feeding the actors.
+    """
     scoring, res = job.scoring, job.resources
-    short_side = math.ceil(image_size / scoring.alpha) if scoring.needs_crops else image_size
-    limits = DecodeLimits(max_short_side=short_side, max_pixels=res.max_pixels)
+    limits = DecodeLimits.for_model(image_size, scoring, res.max_pixels)
     remote = worker_env()
-    decoded = read_stage(work, job, done).map_batches(
-        decode_batch, fn_kwargs={"limits": limits}, batch_size=DECODE_BATCH, **remote)
+    stage = {"num_cpus": res.cpus_per_actor if res.gpus_per_actor == 0 else 1, **remote}
+    items = work_items(work)
+    done_ref = ray.put(done) if len(done) else None
+    rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_items, fn_kwargs={"job": job, "done": done_ref}, batch_size=1, **stage)
+    decoded = rows.map_batches(decode_batch, fn_kwargs={"limits": limits}, batch_size=DECODE_BATCH, **stage)
     return decoded.map_batches(
         LabelActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=res.actors_min, max_size=res.actors_max),
@@ -120,6 +122,8 @@ def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id
     fs, path = open_fs(layout.data, job.storage)
     fs.makedirs(path, exist_ok=True)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    # Writing is I/O: it asks for no CPU, so it never waits for one a model actor holds.
     dataset.write_parquet(path, filesystem=filesystem, filename_provider=RunFiles(run_id),
-                          min_rows_per_file=job.resources.batch_size, ray_remote_args=worker_env())
+                          min_rows_per_file=job.resources.batch_size,
+                          ray_remote_args={"num_cpus": 0, **worker_env()})
 

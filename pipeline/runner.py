@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import fsspec
 
 from . import plan
-from .config import LabelJob, to_dict
+from .config import ConfigError, LabelJob, to_dict
 from .models import check_weights, model_input_size
 from .prompts import ClassSet, load_class_set
 from .sink import DoneIds, OutputLayout, check_manifest, read_column, write_json
@@ -97,17 +98,41 @@ def prepare(job: LabelJob) -> tuple[ClassSet, int]:
     return classes, model_input_size(job.model.name)
 
 
+def ray_address(job: LabelJob) -> str:
+    """``--address``, else ``RAY_ADDRESS``, else ``local``: a new Ray on this machine, never a
+    cluster someone else started here."""
+    return job.address or os.environ.get("RAY_ADDRESS", "") or "local"
+
+
+def check_local_resources(job: LabelJob) -> None:
+    """On a local Ray, one model actor must fit this machine, or the run would wait forever."""
+    if ray_address(job) != "local":
+        return
+    res, cpus = job.resources, os.cpu_count() or 1
+    if res.cpus_per_actor > cpus:
+        raise ConfigError(f"cpus_per_actor: {res.cpus_per_actor} but this machine has {cpus} CPUs; "
+                          f"use --cpus-per-actor {cpus} or less, or run on a cluster (--address)")
+    if res.gpus_per_actor > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if res.gpus_per_actor > gpus:
+            raise ConfigError(f"gpus_per_actor: {res.gpus_per_actor} but this machine has {gpus} GPUs; "
+                              "use --gpus-per-actor 0 to run on CPUs, or run on a cluster (--address)")
+
+
 def start_ray(job: LabelJob) -> None:
-    """Connect to ``job.address`` / ``RAY_ADDRESS``, or start a local Ray (the embedded default)."""
+    """Connect to the job's Ray (see :func:`ray_address`) unless this process already is."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=job.address or None)
+        ray.init(address=ray_address(job))
 
 
 def run_label_job(job: LabelJob) -> RunSummary:
     """Label every image of ``job`` not yet in its output; returns what was done."""
     started, clock = datetime.now(timezone.utc), time.monotonic()
+    check_local_resources(job)
     classes, image_size = prepare(job)
     layout = OutputLayout(job.output)
     check_manifest(layout, fingerprint(job, classes), job.storage, job.overwrite)

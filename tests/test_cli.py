@@ -114,3 +114,14 @@ def _readable(path: Path) -> bool:
         return True
     except Exception:  # noqa: BLE001 - a partial file of the killed run
         return False
+
+
+def test_a_local_run_refuses_actors_bigger_than_the_machine(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    images = photo_folder(tmp_path / "in", 1)
+    args = ["label", "--input", str(images), "--output", str(tmp_path / "out"), "--classes", "a,b",
+            "--model", "lgca-tiny", "--pretrained", "none"]
+    assert main(args + ["--cpus-per-actor", str((os.cpu_count() or 1) + 1)]) == 2
+    assert "cpus_per_actor" in capsys.readouterr().err
+    assert main(args + ["--gpus-per-actor", "64"]) == 2
+    assert "gpus_per_actor: 64" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import pytest
@@ -110,10 +109,9 @@ def engine_scores(photo, checkpoint):
     """Score the photo directly with the engine, as explain should (same seed, same decode)."""
     loaded = load_model(ModelConfig("lgca-tiny", str(checkpoint), device="cpu"))
     params = ScoringParams(**SETTINGS)
-    decoded = decode_image(photo.read_bytes(), DecodeLimits(math.ceil(loaded.preprocess.image_size / params.alpha)))
+    decoded = decode_image(photo.read_bytes(), DecodeLimits.for_model(loaded.preprocess.image_size, params))
     classes = ClassSet(tuple(CLASSES), ("a photo of a {}.",), tuple(() for _ in CLASSES))
-    engine = Engine(loaded.model, loaded.tokenizer, classes.names, [classes.prompts(i) for i in range(4)],
-                    classes.descriptions, params, loaded.preprocess, loaded.device)
+    engine = Engine.for_classes(loaded, classes, params)
     image = ImageInput(str(photo), decoded.pixels, decoded.height, decoded.width)
     return engine.score([image])
 

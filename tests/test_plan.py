@@ -3,16 +3,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.plan import RunFiles, drop_done, worker_env
+from pipeline.plan import FILES_PER_READ, RunFiles, WorkList, drop_done, work_items, worker_env
 from pipeline.sink import DoneIds, id_digests
 
 
 def test_drop_done_keeps_only_new_rows():
     done = DoneIds(np.unique(id_digests(["t.tar#1.jpg", "t.tar#3.jpg"])))
-    batch = {"id": np.array(["t.tar#1.jpg", "t.tar#2.jpg", "t.tar#3.jpg"], dtype=object),
-             "bytes": np.array([b"1", b"2", b"3"], dtype=object)}
+    batch = {"id": ["t.tar#1.jpg", "t.tar#2.jpg", "t.tar#3.jpg"], "bytes": [b"1", b"2", b"3"]}
     kept = drop_done(batch, done)
-    assert kept["id"].tolist() == ["t.tar#2.jpg"] and kept["bytes"].tolist() == [b"2"]
+    assert kept == {"id": ["t.tar#2.jpg"], "bytes": [b"2"]}
+
+
+def test_work_items_group_files_and_keep_shards_alone():
+    work = WorkList(files=tuple(f"f{i}.jpg" for i in range(FILES_PER_READ + 3)), tars=("a.tar",),
+                    parquets=("p.parquet", "q.parquet"))
+    items = work_items(work)
+    assert [(i["kind"], len(i["uris"])) for i in items] == [
+        ("files", FILES_PER_READ), ("files", 3), ("tar", 1), ("parquet", 1), ("parquet", 1)]
+    assert [u for i in items if i["kind"] == "files" for u in i["uris"]] == list(work.files)
 
 
 def test_file_names_carry_the_run_id_and_write_uuid():

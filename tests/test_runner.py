@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -104,10 +103,8 @@ def engine_scores(job: LabelJob, payloads: dict[str, bytes]) -> dict[str, tuple[
     """Score the same images directly with the engine (no Ray): id -> (label, top-k scores)."""
     loaded = load_model(job.model)
     classes = load_class_set(job.text)
-    engine = Engine(loaded.model, loaded.tokenizer, classes.names,
-                    [classes.prompts(i) for i in range(len(classes.names))], classes.descriptions,
-                    job.scoring, loaded.preprocess, loaded.device)
-    limits = DecodeLimits(max_short_side=math.ceil(loaded.preprocess.image_size / job.scoring.alpha))
+    engine = Engine.for_classes(loaded, classes, job.scoring)
+    limits = DecodeLimits.for_model(loaded.preprocess.image_size, job.scoring)
     out = {}
     for image_id, payload in payloads.items():
         decoded = decode_image(payload, limits)
