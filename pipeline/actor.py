@@ -32,12 +32,15 @@ class LabelActor:
     """Holds one model and its :class:`~pipeline.engine.Engine` for the actor's lifetime."""
 
     def __init__(self, model: ModelConfig, classes: ClassSet, scoring: ScoringParams,
-                 storage: StorageConfig, run_id: str):
+                 storage: StorageConfig, run_id: str, batch_size: int, threads: int = 0):
+        if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
+            torch.set_num_threads(threads)
         options = storage.storage_options(fsspec.utils.get_protocol(model.pretrained))
         loaded = load_model(model, options)
         self.names = classes.names
         self.scoring = scoring
         self.run_id = run_id
+        self.batch_size = batch_size  # images per engine call, whatever size the blocks arriving here
         self.engine = Engine.for_classes(loaded, classes, scoring)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -47,7 +50,8 @@ class LabelActor:
         errors = [error_message(value) for value in rows["error"]]
         good = [i for i, error in enumerate(errors) if error is None]
         bad = [i for i, error in enumerate(errors) if error is not None]
-        tables = [self._score(rows, good)] if good else []
+        tables = [self._score(rows, good[start:start + self.batch_size])
+                  for start in range(0, len(good), self.batch_size)]
         if bad:
             tables.append(self._errors(rows, bad, [errors[i] for i in bad]))
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table()

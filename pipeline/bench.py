@@ -265,7 +265,8 @@ def run_pipeline(cfg: BenchConfig, loaded: LoadedModel, jpegs: list[bytes], coun
     """The pipeline on the engine's ``count`` images repeated SIZES times, each size in a fresh process."""
     gpu = loaded.device.type == "cuda"
     setup = {"ray_num_cpus": cpu_count(), "ray_num_gpus": int(gpu),
-             "cpus_per_actor": 1 if gpu else cpu_count(), "gpus_per_actor": int(gpu)}
+             "cpus_per_actor": 1 if cpu_count() > 1 else 0.5,  # leaves a CPU for read/decode tasks
+             "threads_per_actor": 0 if gpu else cpu_count(), "gpus_per_actor": int(gpu)}
     runs = []
     with tempfile.TemporaryDirectory(prefix="lgca-bench-") as temp:
         for size in SIZES:
@@ -277,6 +278,7 @@ def run_pipeline(cfg: BenchConfig, loaded: LoadedModel, jpegs: list[bytes], coun
                            text=TextConfig(classes=CLASSES), model=replace(cfg.model, device=str(loaded.device)),
                            scoring=replace(cfg.scoring, method="lgca"), name="lgca-bench",
                            resources=ResourceConfig(cpus_per_actor=setup["cpus_per_actor"],
+                                                    threads_per_actor=setup["threads_per_actor"],
                                                     gpus_per_actor=setup["gpus_per_actor"], batch_size=batch_size))
             with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 runs.append(pool.submit(run_pipeline_once, job, setup["ray_num_cpus"], setup["ray_num_gpus"]).result())

@@ -209,6 +209,7 @@ class ResourceConfig:
     actors_max: int = 1  # model actors to scale up to (autoscaling when larger than actors_min)
     gpus_per_actor: float = 0.0  # GPUs each model actor reserves; 0 runs the model on CPUs
     cpus_per_actor: float = 1.0  # CPUs each model actor reserves
+    threads_per_actor: int = 0  # torch threads of a model actor; 0 = its CPU reservation (Ray's default)
     batch_size: int = 32  # images per model-actor call
     max_pixels: int = 178_956_970  # images with more pixels become error rows (decompression bombs)
 
@@ -217,6 +218,7 @@ class ResourceConfig:
                  f"need 1 <= min <= max, got {self.actors_min}-{self.actors_max}")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be 0 or more")
         _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be more than 0")
+        _require(self.threads_per_actor >= 0, "threads_per_actor", "must be 0 (as reserved) or more")
         _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         _require(self.max_pixels >= 1, "max_pixels", "must be at least 1")
 

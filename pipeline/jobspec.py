@@ -70,6 +70,8 @@ OPTIONS = (
     Option("actors", "resources", "actors", help="model actors: N or MIN-MAX"),
     Option("gpus-per-actor", "resources", "gpus_per_actor", float, "GPUs per model actor"),
     Option("cpus-per-actor", "resources", "cpus_per_actor", float, "CPUs per model actor"),
+    Option("threads-per-actor", "resources", "threads_per_actor", int,
+           "torch threads per model actor (default: its CPUs)"),
     Option("max-pixels", "resources", "max_pixels", int, "larger images become error rows"),
     Option("endpoint-url", "storage", "endpoint_url", help="S3-compatible endpoint URL"),
     Option("anon", "storage", "anon", _flag, "anonymous object-storage access"),

@@ -5,7 +5,9 @@ file URIs (or shard URIs) only; bytes, pixels and scores live in Ray's object st
 """
 from __future__ import annotations
 
+import itertools
 import os
+from typing import Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -17,7 +19,7 @@ from .config import LabelJob
 from .decode import DecodeLimits, decode_batch
 from .prompts import ClassSet
 from .sink import DoneIds, OutputLayout, open_fs
-from .sources import read_files_batch, read_parquet_batch, read_tar_batch
+from .sources import iter_parquet_rows, iter_tar_members, read_files_batch
 
 FILES_PER_READ = 32  # loose files per read task
 DECODE_BATCH = 8  # images per decode call
@@ -73,48 +75,68 @@ def work_items(work: WorkList) -> list[dict]:
         [{"kind": "parquet", "uris": [u]} for u in work.parquets]
 
 
-def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None) -> dict[str, list]:
-    """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`)."""
+def _read(kind: str, uris: list[str], job: LabelJob) -> Iterator[dict[str, list]]:
+    """Column batches ``id, uri, bytes, error`` of one read task, a shard streamed in pieces."""
     storage, inputs = job.storage, job.inputs
-    columns: dict[str, list] = {name: [] for name in ("id", "uri", "bytes", "error")}
+    if kind == "files":
+        yield read_files_batch({"uri": uris}, storage)
+        return
+    for uri in uris:
+        if kind == "parquet":
+            yield from iter_parquet_rows(uri, storage, inputs.image_column, inputs.id_column, FILES_PER_READ)
+            continue
+        members = iter_tar_members(uri, storage)
+        while chunk := list(itertools.islice(members, FILES_PER_READ)):
+            yield {name: [row[name] for row in chunk] for name in ("id", "uri", "bytes", "error")}
+
+
+def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None) -> Iterator[dict[str, list]]:
+    """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`),
+    without the ids already in the output."""
+    if isinstance(done, ray.ObjectRef):
+        done = ray.get(done)
     for kind, uris in zip(batch["kind"], batch["uris"]):
-        uris = {"uri": list(uris)}
-        if kind == "files":
-            rows = read_files_batch(uris, storage)
-        elif kind == "tar":
-            rows = read_tar_batch(uris, storage)
-        else:
-            rows = read_parquet_batch(uris, storage, inputs.image_column, inputs.id_column)
-        for name in columns:
-            columns[name].extend(rows[name])
-    if done is not None:
-        columns = drop_done(columns, ray.get(done) if isinstance(done, ray.ObjectRef) else done)
-    return columns
+        for rows in _read(kind, list(uris), job):
+            rows = drop_done(rows, done) if done is not None else rows
+            if rows["id"]:
+                yield rows
+
+
+def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:
+    """:func:`~pipeline.decode.decode_batch` over ``DECODE_BATCH`` rows at a time, so a large
+    read batch never sits decoded in memory at once."""
+    count = len(batch["id"])
+    for start in range(0, count, DECODE_BATCH):
+        yield decode_batch({name: values[start:start + DECODE_BATCH] for name, values in batch.items()}, limits)
 
 
 def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_id: str,
           image_size: int) -> ray.data.Dataset:
     """The whole plan up to (not including) the write.
 
-    On CPU-only runs the read and decode stages ask for the same CPUs as the model actor,
-    so Ray fuses them into it: the actor's CPUs are the machine's, and no task waits for a
-    CPU an actor holds. With GPUs they run as separate CPU tasks feeding the actors.
+    Reading and decoding are CPU tasks spread over the cluster; their scheduling differs
+    from the model actors' (SPREAD against DEFAULT), so Ray does not fuse them into the
+    actors: the actors only score, ``batch_size`` decoded images a call, and results are
+    written as the calls finish.
     """
     scoring, res = job.scoring, job.resources
     limits = DecodeLimits.for_model(image_size, scoring, res.max_pixels)
     remote = worker_env()
-    stage = {"num_cpus": res.cpus_per_actor if res.gpus_per_actor == 0 else 1, **remote}
+    stage = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **remote}
     items = work_items(work)
     done_ref = ray.put(done) if len(done) else None
     rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_items, fn_kwargs={"job": job, "done": done_ref}, batch_size=1, **stage)
-    decoded = rows.map_batches(decode_batch, fn_kwargs={"limits": limits}, batch_size=DECODE_BATCH, **stage)
+        read_items, fn_kwargs={"job": job, "done": done_ref}, batch_size=None, **stage)
+    # batch_size=None on both: one read task per work item (Ray bundles inputs up to the
+    # largest batch size of a fused chain), streamed through in pieces.
+    decoded = rows.map_batches(decode_pieces, fn_kwargs={"limits": limits}, batch_size=None, **stage)
     return decoded.map_batches(
         LabelActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=res.actors_min, max_size=res.actors_max),
         fn_constructor_kwargs={"model": job.model, "classes": classes, "scoring": scoring,
-                               "storage": job.storage, "run_id": run_id},
-        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, **remote)
+                               "storage": job.storage, "run_id": run_id, "batch_size": res.batch_size,
+                               "threads": res.threads_per_actor},
+        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, scheduling_strategy="DEFAULT", **remote)
 
 
 def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id: str) -> None:
@@ -122,8 +144,6 @@ def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id
     fs, path = open_fs(layout.data, job.storage)
     fs.makedirs(path, exist_ok=True)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    # Writing is I/O: it asks for no CPU, so it never waits for one a model actor holds.
     dataset.write_parquet(path, filesystem=filesystem, filename_provider=RunFiles(run_id),
-                          min_rows_per_file=job.resources.batch_size,
-                          ray_remote_args={"num_cpus": 0, **worker_env()})
+                          min_rows_per_file=job.resources.batch_size, ray_remote_args=worker_env())
 

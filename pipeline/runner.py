@@ -105,13 +105,16 @@ def ray_address(job: LabelJob) -> str:
 
 
 def check_local_resources(job: LabelJob) -> None:
-    """On a local Ray, one model actor must fit this machine, or the run would wait forever."""
+    """On a local Ray, one model actor and one read/decode task must fit this machine, or the
+    run would wait forever."""
     if ray_address(job) != "local":
         return
     res, cpus = job.resources, os.cpu_count() or 1
-    if res.cpus_per_actor > cpus:
-        raise ConfigError(f"cpus_per_actor: {res.cpus_per_actor} but this machine has {cpus} CPUs; "
-                          f"use --cpus-per-actor {cpus} or less, or run on a cluster (--address)")
+    if res.cpus_per_actor + 1 > cpus:
+        raise ConfigError(
+            f"cpus_per_actor: {res.cpus_per_actor} leaves none of this machine's {cpus} CPUs for reading "
+            f"and decoding; use --cpus-per-actor {max(cpus - 1, 0.5)} or less (and --threads-per-actor "
+            f"{cpus} to let torch use every core), or run on a cluster (--address)")
     if res.gpus_per_actor > 0:
         import torch
 

@@ -121,11 +121,6 @@ def _append_row(columns: dict[str, list], row: dict) -> None:
         columns[name].append(row[name])
 
 
-def _extend(columns: dict[str, list], batch: dict[str, list]) -> None:
-    for name in ROW_COLUMNS:
-        columns[name].extend(batch[name])
-
-
 def _read_one(uri: str, storage: StorageConfig) -> tuple[bytes | None, str | None]:
     """The bytes of one file, or None and a ``read:`` error."""
     fs, path = filesystem(uri, storage)
@@ -171,18 +166,6 @@ def iter_tar_members(tar_uri: str, storage: StorageConfig) -> Iterator[dict]:
                     yield {"id": f"{tar_uri}#{member.name}", "uri": tar_uri, "bytes": data, "error": None}
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         yield {"id": f"{tar_uri}#", "uri": tar_uri, "bytes": None, "error": f"tar: {_describe(exc)}"}
-
-
-def read_tar_batch(batch: dict, storage: StorageConfig) -> dict[str, list]:
-    """All image members of the tar shards in column ``uri`` (a flat-map: more rows out than in).
-
-    The whole shard lands in one output batch, so feed shards one per batch.
-    """
-    columns = _empty_columns()
-    for tar_uri in batch["uri"]:
-        for row in iter_tar_members(str(tar_uri), storage):
-            _append_row(columns, row)
-    return columns
 
 
 def _is_binary(data_type: pa.DataType) -> bool:
@@ -246,12 +229,3 @@ def iter_parquet_rows(uri: str, storage: StorageConfig, image_column: str = "ima
                 first_row += record_batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         yield {"id": [f"{uri}#"], "uri": [uri], "bytes": [None], "error": [f"parquet: {_describe(exc)}"]}
-
-
-def read_parquet_batch(batch: dict, storage: StorageConfig, image_column: str, id_column: str) -> dict[str, list]:
-    """All rows of the Parquet files in column ``uri`` (a flat-map: more rows out than in)."""
-    columns = _empty_columns()
-    for uri in batch["uri"]:
-        for part in iter_parquet_rows(str(uri), storage, image_column, id_column):
-            _extend(columns, part)
-    return columns

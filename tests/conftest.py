@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from pipeline.models import register_builtin_configs
 from tests.support import free_port, s3_client
 
 # Ray 2.60 starts clusters with token authentication; its clients send the token only when
-# RAY_AUTH_MODE=token is set before Ray first reads it (at import), hence here.
+# RAY_AUTH_MODE=token is set before Ray first reads it (at import), hence here. The session's
+# own token keeps the tests independent of ~/.ray/auth_token (absent on a fresh machine).
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="session")

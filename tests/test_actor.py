@@ -19,7 +19,7 @@ SCORING = ScoringParams(crops=8, steps=2, expand_top=2, top_k=2)
 @pytest.fixture(scope="module")
 def actor(tiny_checkpoint):
     return LabelActor(ModelConfig(name="lgca-tiny", pretrained=str(tiny_checkpoint), device="cpu"),
-                      CLASSES, SCORING, StorageConfig(), "run-7")
+                      CLASSES, SCORING, StorageConfig(), "run-7", batch_size=2)
 
 
 def decoded(payloads: dict[str, bytes | None], errors: dict[str, str] | None = None) -> dict:
@@ -39,6 +39,15 @@ def test_every_row_comes_back_with_its_status(actor):
     assert rows["bad"]["error"].startswith("decode") and rows["unread"]["error"] == "read: FileNotFoundError: gone"
     assert all(r["run_id"] == "run-7" for r in rows.values())
     assert len(rows["cat"]["steps"]) == 3 and len(rows["cat"]["topk_labels"]) == 2
+
+
+def test_large_blocks_are_scored_batch_size_images_at_a_time(actor, monkeypatch):
+    sizes = []
+    real = actor.engine.score
+    monkeypatch.setattr(actor.engine, "score", lambda images: sizes.append(len(images)) or real(images))
+    photos_ = [photos.chelsea, photos.coffee, photos.rocket, photos.astronaut, photos.camera]
+    table = actor(decoded({f"p{i}": encode(make()) for i, make in enumerate(photos_)}))
+    assert sizes == [2, 2, 1] and table.num_rows == 5
 
 
 def test_a_batch_with_no_errors_in_an_all_null_column(actor):

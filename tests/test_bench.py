@@ -49,7 +49,8 @@ def test_bench_json_reports_engine_pipeline_and_memory(tiny_checkpoint, capsys):
     assert report["pipeline_over_engine"] == pytest.approx(
         report["pipeline_images_per_s"] / report["engine_images_per_s"]["lgca"])
     assert report["pipeline_setup"] == {"ray_num_cpus": cpu_count(), "ray_num_gpus": 0,
-                                        "cpus_per_actor": cpu_count(), "gpus_per_actor": 0}
+                                        "cpus_per_actor": 1, "threads_per_actor": cpu_count(),
+                                        "gpus_per_actor": 0}
     for role in ("driver", "actor"):
         peaks = report["peak_rss_mb"][role]
         assert set(peaks) == {"1x", "4x"} and all(mb > 50 for mb in peaks.values()), role

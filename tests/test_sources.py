@@ -24,8 +24,6 @@ from pipeline.sources import (
     list_image_files,
     list_shards,
     read_files_batch,
-    read_parquet_batch,
-    read_tar_batch,
 )
 
 LOCAL = StorageConfig()
@@ -238,14 +236,28 @@ def test_unreadable_tars_become_error_rows(tmp_path):
     assert missing[0]["error"].startswith("tar: FileNotFoundError")
 
 
-def test_read_tar_batch_flat_maps_shards_from_s3(moto_endpoint, bucket, shard_members):
+def tar_columns(shards: list[str], storage: StorageConfig) -> dict[str, list]:
+    rows = [row for shard in shards for row in iter_tar_members(shard, storage)]
+    return {name: [row[name] for row in rows] for name in ("id", "uri", "bytes", "error")}
+
+
+def parquet_columns(uris: list[str], storage: StorageConfig, **columns: str) -> dict[str, list]:
+    out: dict[str, list] = {name: [] for name in ("id", "uri", "bytes", "error")}
+    for uri in uris:
+        for part in iter_parquet_rows(uri, storage, **columns):
+            for name in out:
+                out[name].extend(part[name])
+    return out
+
+
+def test_tar_shards_from_s3_become_member_rows(moto_endpoint, bucket, shard_members):
     storage = StorageConfig(endpoint_url=moto_endpoint)
     upload(moto_endpoint, bucket, {"shards/000000.tar": make_tar(shard_members),
                                    "shards/000001.tar": make_tar({"000009.png": b"png bytes"}),
                                    "shards/index.txt": b"two shards"})
     shards = list_shards(f"s3://{bucket}/shards", "tar", storage)
     assert shards == [f"s3://{bucket}/shards/000000.tar", f"s3://{bucket}/shards/000001.tar"]
-    out = read_tar_batch({"uri": shards}, storage)
+    out = tar_columns(shards, storage)
     assert out["id"] == [f"{shards[0]}#000001.jpg", f"{shards[0]}#000002.jpg", f"{shards[0]}#000003.JPEG",
                          f"{shards[1]}#000009.png"]
     assert out["uri"] == [shards[0]] * 3 + [shards[1]]
@@ -295,7 +307,7 @@ def test_parquet_struct_image_column_and_null_rows(tmp_path, images):
                       image_type)
     table = pa.table({"image": column, "id": pa.array(["c", "n", "l", None])})
     uri = write_parquet(tmp_path / "hf.parquet", table)
-    out = read_parquet_batch({"uri": [uri]}, LOCAL, image_column="image", id_column="id")
+    out = parquet_columns([uri], LOCAL, image_column="image", id_column="id")
     assert out["id"] == ["c", "n", "l", f"{uri}#3"]
     assert out["bytes"] == [images["cat"], None, None, None]
     assert out["error"] == [None, "parquet: null image in column 'image'",
@@ -306,7 +318,7 @@ def test_parquet_without_id_column_uses_row_numbers(tmp_path, images):
     table = pa.table({"image": pa.array([images["cat"]] * 4, pa.binary())})
     first = write_parquet(tmp_path / "a.parquet", table)
     second = write_parquet(tmp_path / "b.parquet", table.slice(0, 1))
-    out = read_parquet_batch({"uri": [first, second]}, LOCAL, image_column="image", id_column="")
+    out = parquet_columns([first, second], LOCAL, image_column="image", id_column="")
     assert out["id"] == [f"{first}#{n}" for n in range(4)] + [f"{second}#0"]
     assert out["uri"] == [first] * 4 + [second]
 
@@ -336,7 +348,7 @@ def test_parquet_on_s3(moto_endpoint, bucket, images):
     upload(moto_endpoint, bucket, {"table/part-0.parquet": buffer.getvalue()})
     storage = StorageConfig(endpoint_url=moto_endpoint)
     shards = list_shards(f"s3://{bucket}/table/*.parquet", "parquet", storage)
-    out = read_parquet_batch({"uri": shards}, storage, image_column="image", id_column="id")
+    out = parquet_columns(shards, storage, image_column="image", id_column="id")
     assert out["id"] == ["x", "y"]
     assert out["bytes"] == [images["cat"], images["rocket"]]
     assert out["uri"] == [f"s3://{bucket}/table/part-0.parquet"] * 2
