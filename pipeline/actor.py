@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import torch
 
@@ -35,7 +34,7 @@ class LabelActor:
                  storage: StorageConfig, run_id: str, batch_size: int, threads: int = 0):
         if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
             torch.set_num_threads(threads)
-        options = storage.storage_options(fsspec.utils.get_protocol(model.pretrained))
+        options = storage.options_for(model.pretrained)
         loaded = load_model(model, options)
         self.names = classes.names
         self.scoring = scoring

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+
+import fsspec
 from dataclasses import dataclass
 
 METHODS = ("clip", "cupl", "wca", "lgca")
@@ -152,6 +154,10 @@ class StorageConfig:
             raise ConfigError(f"endpoint_url: {self.endpoint_url!r} must start with http:// or https://")
         if self.anon and self.profile:
             raise ConfigError("profile: anonymous access (anon=True) uses no credentials; drop profile or anon")
+
+    def options_for(self, uri: str) -> dict:
+        """fsspec ``storage_options`` for the protocol of ``uri``."""
+        return self.storage_options(fsspec.utils.get_protocol(uri))
 
     def storage_options(self, protocol: str) -> dict:
         """fsspec ``storage_options`` for ``protocol``: s3fs keyword arguments for s3/s3a, else ``{}``.

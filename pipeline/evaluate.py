@@ -274,7 +274,7 @@ class EvalResult:
 
 
 def _options(storage: StorageConfig, uri: str) -> dict:
-    return storage.storage_options(fsspec.utils.get_protocol(uri))
+    return storage.options_for(uri)
 
 
 def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:
@@ -286,9 +286,9 @@ def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:
 
 def run_eval(cfg: EvalConfig, predictions: str = "") -> EvalResult:
     """Evaluate every method on ``cfg.data``; per-image rows go to ``predictions`` when given."""
-    classes = load_class_set(cfg.text, _options(cfg.storage, cfg.text.classes))
+    classes = load_class_set(cfg.text, cfg.storage.options_for(cfg.text.classes))
     samples = list_samples(cfg, classes.names)
-    loaded = load_model(cfg.model, _options(cfg.storage, cfg.model.pretrained))
+    loaded = load_model(cfg.model, cfg.storage.options_for(cfg.model.pretrained))
     engine = Engine.for_classes(loaded, classes, cfg.scoring)
     limits = DecodeLimits.for_model(loaded.preprocess.image_size, cfg.scoring, cfg.max_pixels)
     tally = Tally(k=min(TOP_K, len(classes.names)), step_top1=[0] * (cfg.scoring.steps + 1))

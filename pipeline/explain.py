@@ -35,7 +35,7 @@ from .decode import DecodeLimits, decode_image
 from .engine import BatchScores, Engine, ImageInput
 from .jobspec import BY_KEY
 from .prompts import load_class_set
-from .sink import open_fs
+from .sources import filesystem
 
 WEIGHT_COLOUR = (255, 200, 0)  # crop boxes, opacity from their weight
 EXPANDED_COLOUR = (255, 0, 255)  # boxes expanded at the panel's step; pure, drawn opaque
@@ -192,7 +192,7 @@ def render(explanation: Explanation, panel_width: int = 320, columns: int = 4) -
 def read_image(uri: str, storage: StorageConfig, limits: DecodeLimits, image_id: str = "") -> ImageInput:
     """Read and decode ``uri`` (path or fsspec URL). The default id is the one ``lgca label`` gives
     a loose file (the absolute path, or ``proto://path``), so the crops are the run's crops."""
-    fs, path = open_fs(uri, storage)
+    fs, path = filesystem(uri, storage)
     try:
         with fs.open(path, "rb") as handle:
             data = handle.read()
@@ -214,8 +214,8 @@ def explain_image(uri: str, text: TextConfig, model: ModelConfig, scoring: Scori
 
     if scoring.method != "lgca":
         raise ConfigError(f"method: explain shows LGCA steps; got method={scoring.method!r}")
-    classes = load_class_set(text, storage.storage_options(fsspec.utils.get_protocol(text.classes)))
-    loaded = load_model(model, storage.storage_options(fsspec.utils.get_protocol(model.pretrained)))
+    classes = load_class_set(text, storage.options_for(text.classes))
+    loaded = load_model(model, storage.options_for(model.pretrained))
     limits = DecodeLimits.for_model(loaded.preprocess.image_size, scoring)
     image = read_image(uri, storage, limits, image_id)
     engine = Engine.for_classes(loaded, classes, scoring)
@@ -240,7 +240,7 @@ def save_png(picture: Image.Image, target: str, storage: StorageConfig) -> None:
     """Write ``picture`` as PNG to a local path or fsspec URL."""
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    fs, path = open_fs(target, storage)
+    fs, path = filesystem(target, storage)
     with fs.open(path, "wb") as handle:
         handle.write(buffer.getvalue())
 

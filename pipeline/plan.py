@@ -18,8 +18,8 @@ from .actor import LabelActor
 from .config import LabelJob
 from .decode import DecodeLimits, decode_batch
 from .prompts import ClassSet
-from .sink import DoneIds, OutputLayout, open_fs
-from .sources import iter_parquet_rows, iter_tar_members, read_files_batch
+from .sink import DoneIds, OutputLayout
+from .sources import filesystem, iter_parquet_rows, iter_tar_members, read_files_batch
 
 FILES_PER_READ = 32  # loose files per read task
 DECODE_BATCH = 8  # images per decode call
@@ -141,9 +141,8 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_i
 
 def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id: str) -> None:
     """Stream the labelled rows into the output's data folder."""
-    fs, path = open_fs(layout.data, job.storage)
+    fs, path = filesystem(layout.data, job.storage)
     fs.makedirs(path, exist_ok=True)
-    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    dataset.write_parquet(path, filesystem=filesystem, filename_provider=RunFiles(run_id),
+    dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), filename_provider=RunFiles(run_id),
                           min_rows_per_file=job.resources.batch_size, ray_remote_args=worker_env())
 

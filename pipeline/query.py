@@ -26,7 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .config import StorageConfig
 from .jobspec import BY_KEY
-from .sink import SCHEMA, OutputLayout, data_files, open_fs, read_json
+from .sink import SCHEMA, OutputLayout, data_files, read_json
+from .sources import filesystem
 
 LABELS_VIEW = "labels"
 RESULT_VIEW = "lgca_result"
@@ -63,7 +64,7 @@ def storage_from_args(args: argparse.Namespace) -> StorageConfig:
 def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
     """Every data file of ``output`` as one lazily read pyarrow dataset with the output SCHEMA."""
     layout = OutputLayout(output)
-    fs, _ = open_fs(layout.data, storage)
+    fs, _ = filesystem(layout.data, storage)
     fs.invalidate_cache()  # the listing must show the files written now, not an earlier listing
     try:
         paths = data_files(layout, storage)
@@ -137,7 +138,7 @@ def _deliver(local: str, target: str, storage: StorageConfig) -> None:
         with open(local, encoding="utf-8") as handle:
             shutil.copyfileobj(handle, sys.stdout)
         return
-    fs, path = open_fs(target, storage)
+    fs, path = filesystem(target, storage)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent and isinstance(fs, LocalFileSystem):
         fs.makedirs(parent, exist_ok=True)
@@ -202,7 +203,7 @@ def _share(con: duckdb.DuckDBPyConnection, condition: str, where: str, *params: 
 def read_runs(output: str, storage: StorageConfig) -> list[dict[str, Any]]:
     """The run metadata files ``OUTPUT/_lgca/runs/*.json``, ordered by run id."""
     folder = OutputLayout(output).path("_lgca", "runs")
-    fs, path = open_fs(folder, storage)
+    fs, path = filesystem(folder, storage)
     fs.invalidate_cache()
     if not fs.exists(path):
         return []

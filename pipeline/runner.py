@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-import fsspec
 
 from . import plan
 from .config import ConfigError, LabelJob, to_dict
@@ -91,9 +90,9 @@ def package_versions() -> dict[str, str]:
 
 def prepare(job: LabelJob) -> tuple[ClassSet, int]:
     """Driver-side validation that needs files: classes, model name and weights."""
-    text_options = job.storage.storage_options(fsspec.utils.get_protocol(job.text.classes))
+    text_options = job.storage.options_for(job.text.classes)
     classes = load_class_set(job.text, text_options)
-    weights_options = job.storage.storage_options(fsspec.utils.get_protocol(job.model.pretrained))
+    weights_options = job.storage.options_for(job.model.pretrained)
     check_weights(job.model, weights_options)
     return classes, model_input_size(job.model.name)
 

@@ -16,7 +16,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +23,7 @@ import torch
 
 from .config import ConfigError, StorageConfig
 from .engine import BatchScores
+from .sources import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,9 @@ class OutputLayout:
         return self.path("_lgca", "runs", f"{run_id}.json")
 
 
-def open_fs(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of ``uri`` configured with ``storage`` and the path on it."""
-    return fsspec.core.url_to_fs(uri, **storage.storage_options(fsspec.utils.get_protocol(uri)))
-
-
 def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
     """Paths of the output's Parquet files (of one run when ``run_id`` is given)."""
-    fs, path = open_fs(layout.data, storage)
+    fs, path = filesystem(layout.data, storage)
     if not fs.exists(path):
         return []
     names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
@@ -154,7 +149,7 @@ def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -
 def read_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "") -> pa.Array:
     """One column of every complete data file; unreadable files (partial writes of a killed run)
     are deleted so their images are labelled again."""
-    fs, _ = open_fs(layout.data, storage)
+    fs, _ = filesystem(layout.data, storage)
     chunks = []
     for path in data_files(layout, storage, run_id):
         try:
@@ -195,7 +190,7 @@ class DoneIds:
 
 def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
     """A JSON file's content, or None when it does not exist."""
-    fs, path = open_fs(uri, storage)
+    fs, path = filesystem(uri, storage)
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as handle:
@@ -204,7 +199,7 @@ def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
 
 def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> None:
     """Write ``content`` as indented JSON (parents created)."""
-    fs, path = open_fs(uri, storage)
+    fs, path = filesystem(uri, storage)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as handle:
         json.dump(content, handle, indent=2, sort_keys=True)
@@ -226,7 +221,7 @@ def check_manifest(layout: OutputLayout, fingerprint: dict[str, Any], storage: S
             f"output: {layout.root} was labelled with other settings ({details}). Use a new --output, "
             "or pass --overwrite to relabel everything")
     if overwrite:
-        fs, path = open_fs(layout.root, storage)
+        fs, path = filesystem(layout.root, storage)
         for sub in ("data", "_lgca"):
             if fs.exists(f"{path.rstrip('/')}/{sub}"):
                 fs.rm(f"{path.rstrip('/')}/{sub}", recursive=True)

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import S3_PROTOCOLS, StorageConfig
+from .config import StorageConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTENSIONS = {"tar": (".tar",), "parquet": (".parquet",)}
@@ -51,8 +51,7 @@ class SourceError(ValueError):
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem serving ``uri`` and the path on it (protocol stripped; absolute for local)."""
-    protocol = fsspec.utils.get_protocol(uri)
-    return fsspec.core.url_to_fs(uri, **storage.storage_options(protocol))
+    return fsspec.core.url_to_fs(uri, **storage.options_for(uri))
 
 
 def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

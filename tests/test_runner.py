@@ -88,10 +88,11 @@ def make_job(inputs, output, checkpoint, **changes) -> LabelJob:
 
 
 def read_output(output, storage=StorageConfig()) -> pa.Table:
-    from pipeline.sink import data_files, open_fs
+    from pipeline.sink import data_files
+    from pipeline.sources import filesystem
 
     layout = OutputLayout(str(output))
-    fs, _ = open_fs(layout.data, storage)
+    fs, _ = filesystem(layout.data, storage)
     tables = []
     for path in data_files(layout, storage):
         with fs.open(path, "rb") as handle:
