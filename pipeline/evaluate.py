@@ -24,7 +24,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from .config import ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig, to_dict
 from .decode import Decoded, DecodeLimits, decode_image
@@ -32,8 +31,8 @@ from .engine import BatchScores, Engine, ImageInput
 from .jobspec import BY_KEY, OPTIONS
 from .models import load_model
 from .prompts import ClassSet, load_class_set, normalize_name
-from .sources import (SourceError, detect_kind, filesystem, iter_parquet_rows, list_image_files, list_shards,
-                      read_files_batch)
+from .sources import (SourceError, detect_kind, filesystem, full_uri, iter_parquet_rows, list_image_files,
+                      list_shards, read_files_batch)
 
 METHOD_NAMES = ("clip", "cupl", "wca", "lgca")
 TOP_K = 5
@@ -95,7 +94,7 @@ def folder_samples(cfg: EvalConfig, names: Sequence[str]) -> list[Sample]:
     if not fs.isdir(path):
         raise SourceError(f"{cfg.data}: not a folder; give an ImageFolder root (one folder per class) "
                           "or Parquet files with --input-format parquet")
-    prefix = (path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)).rstrip("/") + "/"
+    prefix = full_uri(fs, path).rstrip("/") + "/"
     lookup = {normalize_name(name): index for index, name in enumerate(names)}
     samples, unknown = [], {}
     for uri in list_image_files(cfg.data, cfg.storage):
@@ -271,10 +270,6 @@ class EvalResult:
                 "lgca_steps_top1_correct": tally.step_top1, "seconds": self.seconds,
                 "images_per_second": images / self.seconds if self.seconds > 0 else 0.0,
                 "scoring": to_dict(cfg.scoring), "text_digests": self.classes.digests()}
-
-
-def _options(storage: StorageConfig, uri: str) -> dict:
-    return storage.options_for(uri)
 
 
 def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:

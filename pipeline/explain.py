@@ -27,7 +27,6 @@ from typing import Sequence
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig
@@ -35,7 +34,7 @@ from .decode import DecodeLimits, decode_image
 from .engine import BatchScores, Engine, ImageInput
 from .jobspec import BY_KEY
 from .prompts import load_class_set
-from .sources import filesystem
+from .sources import filesystem, full_uri
 
 WEIGHT_COLOUR = (255, 200, 0)  # crop boxes, opacity from their weight
 EXPANDED_COLOUR = (255, 0, 255)  # boxes expanded at the panel's step; pure, drawn opaque
@@ -203,8 +202,7 @@ def read_image(uri: str, storage: StorageConfig, limits: DecodeLimits, image_id:
     decoded = decode_image(data, limits)
     if decoded.error:
         raise ConfigError(f"image: {uri} cannot be scored: {decoded.error}")
-    default_id = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-    return ImageInput(image_id or default_id, decoded.pixels, decoded.height, decoded.width)
+    return ImageInput(image_id or full_uri(fs, path), decoded.pixels, decoded.height, decoded.width)
 
 
 def explain_image(uri: str, text: TextConfig, model: ModelConfig, scoring: ScoringParams,

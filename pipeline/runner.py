@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -145,14 +146,10 @@ def run_label_job(job: LabelJob) -> RunSummary:
         start_ray(job)
         dataset = plan.build(work, job, classes, done, run_id, image_size)
         plan.write(dataset, layout, job, run_id)
-    status = read_column(layout, job.storage, "status", run_id).to_pylist()
-    errors = read_column(layout, job.storage, "error", run_id).to_pylist()
-    reasons: dict[str, int] = {}
-    for message in errors:
-        if message:
-            reason = message.split(":", 1)[0]
-            reasons[reason] = reasons.get(reason, 0) + 1
-    summary = RunSummary(run_id=run_id, output=job.output, ok=status.count("ok"), errors=status.count("error"),
+    messages = read_column(layout, job.storage, "error", run_id).to_pylist()  # null on ok rows
+    errors = [message for message in messages if message is not None]
+    reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
+    summary = RunSummary(run_id=run_id, output=job.output, ok=len(messages) - len(errors), errors=len(errors),
                          skipped=skipped, seconds=time.monotonic() - clock, error_reasons=reasons)
     write_json(layout.run(run_id), run_metadata(job, classes, summary, started), job.storage)
     return summary

@@ -54,7 +54,7 @@ def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSys
     return fsspec.core.url_to_fs(uri, **storage.options_for(uri))
 
 
-def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URI ids are made of: the absolute path for local files, ``proto://path`` otherwise."""
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
@@ -88,7 +88,7 @@ def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...]
         found = fs.find(path)
     else:
         raise SourceError(f"{uri}: no such file, folder or prefix")
-    matching = sorted(_full_uri(fs, name) for name in found if name.lower().endswith(extensions))
+    matching = sorted(full_uri(fs, name) for name in found if name.lower().endswith(extensions))
     if not matching:
         raise SourceError(f"{uri}: no {what} found (looked for names ending in {', '.join(extensions)}, "
                           f"any case, among {len(found)} files)")
