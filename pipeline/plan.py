@@ -14,7 +14,6 @@ import pyarrow.fs as pafs
 import ray
 from ray.data.datasource import FilenameProvider
 
-from .actor import LabelActor
 from .config import LabelJob
 from .decode import DecodeLimits, decode_batch
 from .prompts import ClassSet
@@ -119,6 +118,8 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_i
     actors: the actors only score, ``batch_size`` decoded images a call, and results are
     written as the calls finish.
     """
+    from .actor import LabelActor  # here, so that read/decode workers (which import this module) skip torch
+
     scoring, res = job.scoring, job.resources
     limits = DecodeLimits.for_model(image_size, scoring, res.max_pixels)
     remote = worker_env()

@@ -14,16 +14,19 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from .config import ConfigError, StorageConfig
-from .engine import BatchScores
 from .sources import filesystem
+
+if TYPE_CHECKING:  # read/decode workers import this module: they need no torch
+    import torch
+
+    from .engine import BatchScores
 
 log = logging.getLogger(__name__)
 
