@@ -67,7 +67,7 @@ class ScoringParams:
     aggregation: str = "mean"  # 'mean', 'last', or T+1 comma-separated step weights
     top_k: int = 5  # labels and scores kept per image and per step
     seed: int = 0  # run seed; crops of an image depend only on (seed, image id)
-    encode_batch_size: int = 256  # images per image-encoder forward pass
+    encode_batch_size: int = 0  # crops per image-encoder pass; 0 = auto (engine.AUTO_ENCODE_BATCH)
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
@@ -82,7 +82,7 @@ class ScoringParams:
         _require(self.expand_ratio >= 1.0, "expand_ratio", f"must be at least 1, got {self.expand_ratio}")
         _require(self.top_k >= 1, "top_k", f"must be at least 1, got {self.top_k}")
         _require(self.seed >= 0, "seed", f"must be a non-negative integer, got {self.seed}")
-        _require(self.encode_batch_size >= 1, "encode_batch_size", "must be at least 1")
+        _require(self.encode_batch_size >= 0, "encode_batch_size", "must be 0 (auto) or more")
         parse_aggregation(self.aggregation, self.steps)
 
     @property

@@ -18,6 +18,18 @@ from .config import ScoringParams
 from .crops import PixelBatch, Preprocess, cut_crops, pad_batch
 from .textbank import TextBank, build_text_bank
 
+# Crops per encoder pass when encode_batch_size is 0. On a CPU, passes of 256 crops spend
+# about 12 % of their time in page faults (tensors over glibc's 32 MB mmap threshold are
+# mapped and unmapped at every op) and 32-crop passes none: 9-14 % faster for ViT-B-32 on
+# 2 cores (docs/benchmarks.md). A GPU wants large passes.
+AUTO_ENCODE_BATCH = {"cpu": 32}
+AUTO_ENCODE_BATCH_ACCELERATOR = 256
+
+
+def encode_chunk(params: ScoringParams, device: torch.device) -> int:
+    """Crops per image-encoder pass: ``params.encode_batch_size``, or the device's default if 0."""
+    return params.encode_batch_size or AUTO_ENCODE_BATCH.get(device.type, AUTO_ENCODE_BATCH_ACCELERATOR)
+
 
 class ClipLike(Protocol):
     """The two methods of an open_clip model the engine uses."""
@@ -155,7 +167,7 @@ class Engine:
         count, per_image = boxes.shape[0], boxes.shape[1]
         flat = boxes.reshape(-1, 4)
         index = torch.arange(count, device=flat.device).repeat_interleave(per_image)
-        step = self.params.encode_batch_size
+        step = encode_chunk(self.params, self.device)
         out = []
         for start in range(0, flat.shape[0], step):
             inputs = cut_crops(pixels, index[start:start + step], flat[start:start + step],

@@ -65,7 +65,7 @@ OPTIONS = (
     Option("aggregation", "scoring", "aggregation", help="mean, last or T+1 comma-separated weights"),
     Option("top-k", "scoring", "top_k", int, "labels kept per image and step"),
     Option("seed", "scoring", "seed", int, "run seed for the crops"),
-    Option("encode-batch-size", "scoring", "encode_batch_size", int, "crops per encoder pass"),
+    Option("encode-batch-size", "scoring", "encode_batch_size", int, "crops per encoder pass (0 = auto: 32 on a CPU, 256 on a GPU)"),
     Option("batch-size", "resources", "batch_size", int, "images per model-actor call"),
     Option("actors", "resources", "actors", help="model actors: N or MIN-MAX"),
     Option("gpus-per-actor", "resources", "gpus_per_actor", float, "GPUs per model actor"),

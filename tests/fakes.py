@@ -53,6 +53,7 @@ class BoxEncoder(torch.nn.Module):
         self.phase = torch.rand(dim, generator=gen, dtype=torch.float64) * 6.28
         self.text = text
         self.images_seen = 0
+        self.pass_sizes: list[int] = []  # crops per encode_image call
 
     def box_embedding(self, x0: float, y0: float, side: float) -> np.ndarray:
         feats = torch.tensor([x0, y0, side], dtype=torch.float64)
@@ -60,6 +61,7 @@ class BoxEncoder(torch.nn.Module):
 
     def encode_image(self, crops: torch.Tensor) -> torch.Tensor:
         self.images_seen += crops.shape[0]
+        self.pass_sizes.append(crops.shape[0])
         size = crops.shape[-1]
         x = crops[:, 0].double().mean(dim=1)  # [M, S] ramp values per output column
         y = crops[:, 1].double().mean(dim=2)  # [M, S] per output row

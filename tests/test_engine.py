@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ScoringParams
-from pipeline.engine import Engine, ImageInput
+from pipeline.engine import Engine, ImageInput, encode_chunk
 from tests.fakes import RAW, BoxEncoder, TextTable, ramp_image
 
 NAMES = ["heron", "kite", "owl", "wren"]
@@ -170,6 +170,20 @@ def test_image_encoder_cost_follows_the_parameters():
     engine, encoder, _ = make_engine(params)
     engine.score(ramp_inputs())
     assert encoder.images_seen == (1 + 25 + 4 * 5) * len(IMAGES)
+    assert max(encoder.pass_sizes) == 16
+
+
+@pytest.mark.parametrize("device,chunk", [("cpu", 32), ("cuda", 256), ("mps", 256)])
+def test_encoder_passes_are_sized_for_the_device_by_default(device, chunk):
+    params = ScoringParams()
+    assert params.encode_batch_size == 0 and encode_chunk(params, torch.device(device)) == chunk
+    assert encode_chunk(ScoringParams(encode_batch_size=7), torch.device(device)) == 7
+    engine, encoder, _ = make_engine(params)  # on the CPU: full view + 60 crops of each image
+    engine.score(ramp_inputs())
+    first = (1 + 60) * len(IMAGES)  # then 3 steps of 6 expanded crops per image
+    expected = [32] * (first // 32) + ([first % 32] if first % 32 else [])
+    assert encoder.pass_sizes[:len(expected)] == expected
+    assert sum(encoder.pass_sizes) == (first + 3 * 6 * len(IMAGES)) and max(encoder.pass_sizes) == 32
 
 
 def test_scores_of_an_image_do_not_depend_on_its_batch():
