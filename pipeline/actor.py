@@ -7,6 +7,7 @@ whose scoring failed, become ``status='error'`` rows.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -27,20 +28,37 @@ def _column(batch: dict[str, Any], name: str) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
+def worker_logging() -> None:
+    """Show this package's INFO messages in a Ray worker, whose root logger has no handler
+    (in the driver the CLI has configured logging already)."""
+    logger = logging.getLogger("pipeline")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 class LabelActor:
     """Holds one model and its :class:`~pipeline.engine.Engine` for the actor's lifetime."""
 
     def __init__(self, model: ModelConfig, classes: ClassSet, scoring: ScoringParams,
                  storage: StorageConfig, run_id: str, batch_size: int, threads: int = 0):
+        worker_logging()
         if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
             torch.set_num_threads(threads)
+        clock = time.monotonic()
         options = storage.options_for(model.pretrained)
         loaded = load_model(model, options)
+        loaded_at = time.monotonic()
         self.names = classes.names
         self.scoring = scoring
         self.run_id = run_id
         self.batch_size = batch_size  # images per engine call, whatever size the blocks arriving here
         self.engine = Engine.for_classes(loaded, classes, scoring)
+        log.info("model %s (%s) on %s in %s loaded in %.1f s; text bank of %d classes in %.1f s",
+                 loaded.name, model.pretrained, loaded.device, model.precision, loaded_at - clock,
+                 len(classes.names), time.monotonic() - loaded_at)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         """Score the decoded rows of ``batch``; returns one output row per input row."""

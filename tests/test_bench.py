@@ -55,6 +55,9 @@ def test_bench_json_reports_engine_pipeline_and_memory(tiny_checkpoint, capsys):
         peaks = report["peak_rss_mb"][role]
         assert set(peaks) == {"1x", "4x"} and all(mb > 50 for mb in peaks.values()), role
         assert report["peak_rss_growth"][role] == pytest.approx(peaks["4x"] / peaks["1x"])
+    for size in runs:  # the actor's own memory is its resident set without the shared pages
+        assert size["actor_peak_rss_mb"] <= size["actor_peak_vmhwm_mb"]
+        assert 0 <= size["actor_peak_shared_mb"] < size["actor_peak_vmhwm_mb"]
     assert set(report["targets"]) == TARGETS and all(isinstance(v, bool) for v in report["targets"].values())
 
 
@@ -84,14 +87,17 @@ def test_defaults_are_vit_b_32_with_random_weights_and_calibrated_sizes():
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_peak_rss_poller_finds_a_marked_child_and_its_peak():
-    code = "import sys, time; block = b'x' * (200 * 2**20); print('ready', flush=True); time.sleep(60)"
+    code = ("import mmap, sys, time; block = b'x' * (200 * 2**20); shared = mmap.mmap(-1, 100 * 2**20); "
+            "shared.write(b'y' * (100 * 2**20)); print('ready', flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code, "lgca-bench-test-marker"], stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"ready\n"
         assert child.pid in descendants(os.getpid())
         poller = PeakRssPoller("lgca-bench-test-marker")
         poller.poll()
-        assert poller.peak_kb / 1024 > 200
+        assert poller.peak_kb / 1024 > 300  # both blocks
+        assert 200 < poller.peak_own_kb / 1024 < 300  # the private block, not the shared one
+        assert 100 <= poller.peak_shared_kb / 1024 < 110
         other = PeakRssPoller("no-process-has-this-marker")
         other.poll()
         assert other.peak_kb == 0
