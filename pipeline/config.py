@@ -207,6 +207,9 @@ class InputConfig:
         _require(bool(self.image_column), "image_column", "must name the Parquet column with image bytes")
 
 
+AUTO_ROWS_PER_FILE_GPU = 4096  # under 20 s of one H200's lgca output with ViT-B-32 (docs/benchmarks.md)
+
+
 @dataclass(frozen=True)
 class ResourceConfig:
     """How the job uses the cluster."""
@@ -217,6 +220,7 @@ class ResourceConfig:
     cpus_per_actor: float = 1.0  # CPUs each model actor reserves
     threads_per_actor: int = 0  # torch threads of a model actor; 0 = its CPU reservation (Ray's default)
     batch_size: int = 32  # images per model-actor call
+    rows_per_file: int = 0  # rows per output Parquet file at least; 0 = auto (see file_rows)
     max_pixels: int = 178_956_970  # images with more pixels become error rows (decompression bombs)
 
     def __post_init__(self) -> None:
@@ -226,7 +230,21 @@ class ResourceConfig:
         _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be more than 0")
         _require(self.threads_per_actor >= 0, "threads_per_actor", "must be 0 (as reserved) or more")
         _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(self.rows_per_file >= 0, "rows_per_file", "must be 0 (auto) or more")
         _require(self.max_pixels >= 1, "max_pixels", "must be at least 1")
+
+    @property
+    def file_rows(self) -> int:
+        """Rows written per Parquet file (the last file of a run may hold fewer).
+
+        Rows are written once this many are labelled, so a killed run relabels at most this
+        many per writer. Auto: one file per actor call on CPUs (a call takes minutes there),
+        AUTO_ROWS_PER_FILE_GPU with GPUs (a call takes a fraction of a second: one file per
+        call would mean millions of tiny files for a billion images).
+        """
+        if self.rows_per_file:
+            return max(self.rows_per_file, self.batch_size)
+        return AUTO_ROWS_PER_FILE_GPU if self.gpus_per_actor > 0 else self.batch_size
 
 
 @dataclass(frozen=True)

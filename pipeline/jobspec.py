@@ -67,6 +67,8 @@ OPTIONS = (
     Option("seed", "scoring", "seed", int, "run seed for the crops"),
     Option("encode-batch-size", "scoring", "encode_batch_size", int, "crops per encoder pass (0 = auto: 32 on a CPU, 256 on a GPU)"),
     Option("batch-size", "resources", "batch_size", int, "images per model-actor call"),
+    Option("rows-per-file", "resources", "rows_per_file", int,
+           "rows per output Parquet file (0 = auto: one actor call on CPUs, 4096 with GPUs)"),
     Option("actors", "resources", "actors", help="model actors: N or MIN-MAX"),
     Option("gpus-per-actor", "resources", "gpus_per_actor", float, "GPUs per model actor"),
     Option("cpus-per-actor", "resources", "cpus_per_actor", float, "CPUs per model actor"),

@@ -145,5 +145,5 @@ def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id
     fs, path = filesystem(layout.data, job.storage)
     fs.makedirs(path, exist_ok=True)
     dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), filename_provider=RunFiles(run_id),
-                          min_rows_per_file=job.resources.batch_size, ray_remote_args=worker_env())
+                          min_rows_per_file=job.resources.file_rows, ray_remote_args=worker_env())
 

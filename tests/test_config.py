@@ -39,9 +39,17 @@ def test_method_costs():
     (lambda: InputConfig(("x",), format="zip"), "input_format"),
     (lambda: ResourceConfig(actors_min=0), "actors"),
     (lambda: ResourceConfig(batch_size=0), "batch_size"),
+    (lambda: ResourceConfig(rows_per_file=-1), "rows_per_file"),
     (lambda: StorageConfig(endpoint_url="localhost:9000"), "endpoint_url"),
     (lambda: LabelJob(inputs=InputConfig(("x",)), output="", text=TextConfig("a")), "output"),
 ])
 def test_invalid_values_name_their_field(make, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
         make()
+
+
+def test_rows_per_file_auto_is_one_call_on_cpus_and_4096_rows_with_gpus():
+    assert ResourceConfig(batch_size=16).file_rows == 16
+    assert ResourceConfig(batch_size=16, gpus_per_actor=1).file_rows == 4096
+    assert ResourceConfig(batch_size=16, rows_per_file=100).file_rows == 100
+    assert ResourceConfig(batch_size=16, rows_per_file=5, gpus_per_actor=1).file_rows == 16  # never below a call

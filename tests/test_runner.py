@@ -164,6 +164,24 @@ def test_run_metadata_records_the_run(ray_cluster, folder, tmp_path, tiny_checkp
     assert manifest["model"] == "lgca-tiny" and manifest["scoring"]["steps"] == 2
 
 
+def test_rows_per_file_merges_actor_calls_into_larger_files(ray_cluster, tmp_path, tiny_checkpoint):
+    from pipeline.plan import FILES_PER_READ
+
+    images = tmp_path / "many"
+    images.mkdir()
+    pixels = photos.astronaut()[::8, ::8].copy()
+    for i in range(3 * FILES_PER_READ):  # three read tasks, so three actor outputs of 32 rows
+        (images / f"{i:03d}.png").write_bytes(encode(np.roll(pixels, i, axis=1), "PNG"))
+    sizes = {}
+    for rows in (0, 2 * FILES_PER_READ):
+        job = make_job([images], tmp_path / f"out-{rows}", tiny_checkpoint,
+                       resources=ResourceConfig(batch_size=8, rows_per_file=rows))
+        assert run_label_job(job).ok == 3 * FILES_PER_READ
+        sizes[rows] = sorted(pq.read_metadata(p).num_rows for p in (tmp_path / f"out-{rows}" / "data").glob("*.parquet"))
+    assert sizes[0] == [FILES_PER_READ] * 3  # auto on CPUs: one file per actor call
+    assert sizes[2 * FILES_PER_READ] == [FILES_PER_READ, 2 * FILES_PER_READ]  # two calls merged, then the rest
+
+
 def test_second_run_is_incremental(ray_cluster, folder, tmp_path, tiny_checkpoint):
     job = make_job([folder], tmp_path / "out", tiny_checkpoint)
     first = run_label_job(job)
