@@ -34,9 +34,10 @@ def worker_logging() -> None:
     logger = logging.getLogger("pipeline")
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # a root handler added later (by a library) would print it twice
 
 
 class LabelActor:
