@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import logging
 import sys
 import time
 from collections import deque
@@ -42,6 +43,8 @@ SHARED_FLAGS = tuple(option.flag for option in OPTIONS if option.section in ("te
                      and option.flag not in ("method", "top-k")) + ("image-column", "id-column", "batch-size",
                                                                     "max-pixels")
 SETTINGS = ("crops", "alpha", "beta", "steps", "expand_top", "expand_ratio", "aggregation", "seed")
+log = logging.getLogger(__name__)
+
 _SHOWN = 5  # offending items listed in an error message
 PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("label", pa.string()),
                                ("error", pa.string()), *[(name, pa.string()) for name in METHOD_NAMES],
@@ -233,9 +236,24 @@ def prediction_table(samples: Sequence[Sample], errors: Sequence[str | None], sc
 
 def evaluate_batch(engine: Engine, batch: list[tuple[Sample, Decoded]], tally: Tally,
                    writer: pq.ParquetWriter | None, names: Sequence[str]) -> None:
-    """Score the decoded images of one batch; count them and the errors in ``tally``, write their rows."""
+    """Score the decoded images of one batch; count them and the errors in ``tally``, write their rows.
+
+    If scoring the batch fails, its images are scored one by one, so that only an image that
+    fails alone becomes an error (``score: ...``), as in the pipeline's model actor.
+    """
     good = [(sample, decoded) for sample, decoded in batch if decoded.error is None]
-    scores = engine.score([ImageInput(s.id, d.pixels, d.height, d.width) for s, d in good]) if good else None
+    try:
+        scores = engine.score([ImageInput(s.id, d.pixels, d.height, d.width) for s, d in good]) if good else None
+    except (RuntimeError, ValueError) as exc:
+        if len(good) > 1:
+            log.warning("batch of %d failed (%s); scoring its images one by one", len(good), exc)
+            for item in batch:
+                evaluate_batch(engine, [item], tally, writer, names)
+            return
+        message = f"score: {type(exc).__name__}: {exc}"
+        batch = [(sample, Decoded(None, 0, 0, message) if decoded.error is None else decoded)
+                 for sample, decoded in batch]
+        scores = None
     if scores is not None:
         tally.add(scores, torch.tensor([sample.label for sample, _ in good]))
     for _, decoded in batch:

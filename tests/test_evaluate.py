@@ -270,3 +270,38 @@ def test_image_folder_on_object_storage_is_listed_labelled_and_read(moto_endpoin
     missing = load_sample(Sample(id="x", uri=f"s3://{bucket}/set/Cat/gone.jpg", label=1), cfg.storage,
                           DecodeLimits(max_short_side=128))
     assert missing.error.startswith("read: FileNotFoundError")
+
+
+def test_an_image_that_fails_scoring_is_an_error_and_the_rest_are_scored(image_folder, tiny_checkpoint,
+                                                                          tmp_path, monkeypatch):
+    descriptions = write_descriptions(tmp_path)
+    parser = argparse.ArgumentParser(prog="lgca")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def evaluate(out: Path) -> tuple[dict, dict]:
+        args = parser.parse_args([
+            "eval", "--data", str(image_folder), "--classes", ",".join(CLASSES), "--descriptions", descriptions,
+            "--model", "lgca-tiny", "--pretrained", str(tiny_checkpoint), "--device", "cpu",
+            "--batch-size", "64", "--out-dir", str(out)])
+        assert args.handler(args) == 0
+        rows = {row["id"]: row for row in pq.read_table(out / "predictions.parquet").to_pylist()}
+        return json.loads((out / "eval.json").read_text()), rows
+
+    _, clean = evaluate(tmp_path / "clean")
+    culprit = sorted(key for key, row in clean.items() if row["error"] is None)[3]
+    real = Engine.score
+
+    def score(self, images):
+        if any(image.image_id == culprit for image in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, images)
+
+    monkeypatch.setattr(Engine, "score", score)
+    report, rows = evaluate(tmp_path / "failing")
+    assert (report["images"], report["scored"], report["errors"]) == (11, 9, 2)
+    assert report["error_reasons"] == {"decode": 1, "score": 1}
+    assert rows[culprit]["error"] == "score: RuntimeError: CUDA out of memory (simulated)"
+    assert rows[culprit]["lgca"] is None
+    for key, row in rows.items():  # every other image gets the prediction it gets in one batch
+        if key != culprit:
+            assert {m: row[m] for m in METHODS} == {m: clean[key][m] for m in METHODS}, key
