@@ -33,7 +33,7 @@ from .config import ConfigError, InputConfig, LabelJob, ModelConfig, ResourceCon
 from .crops import cut_crops, pad_batch
 from .decode import DecodeLimits, decode_image
 from .engine import BatchScores, Engine, ImageInput, encode_chunk
-from .jobspec import BY_KEY
+from .jobspec import add_option_arguments, given_options
 from .models import LoadedModel, load_model
 from .prompts import load_class_set
 
@@ -397,8 +397,7 @@ FLAGS = ("model", "pretrained", "crops", "steps", "expand-top", "batch-size", "d
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The :class:`BenchConfig` of parsed ``lgca bench`` arguments."""
     model = ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
-    scoring = ScoringParams(**{BY_KEY[f].field: getattr(args, f.replace("-", "_")) for f in
-                               ("crops", "steps", "expand-top") if getattr(args, f.replace("-", "_")) is not None})
+    scoring = ScoringParams(**given_options(args, ("crops", "steps", "expand-top"))["scoring"])
     return BenchConfig(model=model, scoring=scoring, images=args.images, batch_size=args.batch_size,
                        skip_pipeline=args.skip_pipeline)
 
@@ -413,9 +412,8 @@ def _handle(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand to the ``lgca`` command line."""
     parser = commands.add_parser("bench", help="images/s of the engine alone and of the Ray pipeline")
-    defaults = {"model": "ViT-B-32", "pretrained": "none", "device": "auto", "precision": "fp32", "batch-size": 0}
-    for flag in FLAGS:
-        parser.add_argument(f"--{flag}", type=BY_KEY[flag].kind, default=defaults.get(flag), help=BY_KEY[flag].help)
+    add_option_arguments(parser, FLAGS)
+    parser.set_defaults(model="ViT-B-32", pretrained="none", device="auto", precision="fp32", batch_size=0)
     parser.add_argument("--images", type=int, default=0,
                         help=f"images per measurement (default: calibrated for about {TARGET_SECONDS:.0f} s)")
     parser.add_argument("--skip-pipeline", action="store_true", help="measure the engine only")

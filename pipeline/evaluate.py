@@ -29,7 +29,7 @@ import torch
 from .config import ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig, to_dict
 from .decode import Decoded, DecodeLimits, decode_image
 from .engine import BatchScores, Engine, ImageInput
-from .jobspec import BY_KEY, OPTIONS
+from .jobspec import OPTIONS, add_option_arguments, given_options
 from .models import load_model
 from .prompts import ClassSet, load_class_set, normalize_name
 from .sources import (SourceError, detect_kind, filesystem, full_uri, iter_parquet_rows, list_image_files,
@@ -352,26 +352,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="", help="writes eval.json, eval.md and predictions.parquet")
     for name in ("json", "markdown", "predictions"):
         parser.add_argument(f"--{name}", default="", help=f"{name} file (overrides --out-dir)")
-    for flag in SHARED_FLAGS:
-        if flag == "anon":
-            parser.add_argument("--anon", action="store_const", const=True, default=None, help=BY_KEY[flag].help)
-        else:
-            parser.add_argument(f"--{flag}", type=BY_KEY[flag].kind, required=flag == "classes",
-                                help=BY_KEY[flag].help)
+    add_option_arguments(parser, SHARED_FLAGS, required=("classes",))
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The :class:`EvalConfig` of parsed ``lgca eval`` arguments (the method is always lgca)."""
-    sections: dict[str, dict[str, Any]] = {"text": {}, "model": {}, "scoring": {"method": "lgca"},
-                                           "storage": {}, "": {}}
-    for flag in SHARED_FLAGS:
-        value, option = getattr(args, flag.replace("-", "_")), BY_KEY[flag]
-        if value is not None:
-            sections[option.section if option.section in sections else ""][option.field] = value
-    return EvalConfig(data=args.data, text=TextConfig(**sections["text"]), model=ModelConfig(**sections["model"]),
-                      scoring=ScoringParams(**sections["scoring"]), storage=StorageConfig(**sections["storage"]),
-                      input_format=args.input_format, label_column=args.label_column, workers=args.workers,
-                      **sections[""])
+    given = given_options(args, SHARED_FLAGS)
+    return EvalConfig(data=args.data, text=TextConfig(**given["text"]), model=ModelConfig(**given["model"]),
+                      scoring=ScoringParams(method="lgca", **given["scoring"]),
+                      storage=StorageConfig(**given["storage"]), input_format=args.input_format,
+                      label_column=args.label_column, workers=args.workers,
+                      **given["inputs"], **given["resources"])  # image/id columns, batch size, max pixels
 
 
 def output_paths(args: argparse.Namespace) -> dict[str, str]:

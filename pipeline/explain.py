@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .config import ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig
 from .decode import DecodeLimits, decode_image
 from .engine import BatchScores, Engine, ImageInput
-from .jobspec import BY_KEY
+from .jobspec import add_option_arguments, given_options
 from .prompts import load_class_set
 from .sources import filesystem, full_uri
 
@@ -225,13 +225,9 @@ def explain_image(uri: str, text: TextConfig, model: ModelConfig, scoring: Scori
 
 def configs_from_args(args: argparse.Namespace) -> tuple[TextConfig, ModelConfig, ScoringParams, StorageConfig]:
     """The configs that the job flags of ``lgca explain`` fill (unset flags keep the defaults)."""
-    sections: dict[str, dict] = {"text": {}, "model": {}, "scoring": {}, "storage": {}}
-    for flag in EXPLAIN_FLAGS:
-        value = getattr(args, flag.replace("-", "_"))
-        if value is not None:
-            sections[BY_KEY[flag].section][BY_KEY[flag].field] = value
-    return (TextConfig(**sections["text"]), ModelConfig(**sections["model"]),
-            ScoringParams(method="lgca", **sections["scoring"]), StorageConfig(**sections["storage"]))
+    given = given_options(args, EXPLAIN_FLAGS)
+    return (TextConfig(**given["text"]), ModelConfig(**given["model"]),
+            ScoringParams(method="lgca", **given["scoring"]), StorageConfig(**given["storage"]))
 
 
 def save_png(picture: Image.Image, target: str, storage: StorageConfig) -> None:
@@ -263,10 +259,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                                                  "ids a loose file: its absolute path or URL)")
     parser.add_argument("--panel-width", type=int, default=320, help="pixels per step panel (default 320)")
     parser.add_argument("--columns", type=int, default=4, help="panels per row (default 4)")
-    for flag in EXPLAIN_FLAGS:
-        option = BY_KEY[flag]
-        if option.kind in (str, int, float):
-            parser.add_argument(f"--{flag}", type=option.kind, required=flag == "classes", help=option.help)
-        else:
-            parser.add_argument(f"--{flag}", action="store_const", const=True, default=None, help=option.help)
+    add_option_arguments(parser, EXPLAIN_FLAGS, required=("classes",))
     parser.set_defaults(handler=_explain)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import fsspec
 import yaml
@@ -96,6 +96,28 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(f"--{option.flag}", action="append" if option.multiple else "store",
                                 help=option.help)
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, flags: Sequence[str], required: Sequence[str] = ()) -> None:
+    """Add some ``lgca label`` options to another command: same names, types and help; unset
+    flags stay ``None`` (read them back with :func:`given_options`)."""
+    for flag in flags:
+        option = BY_KEY[flag]
+        if option.kind is _flag:
+            parser.add_argument(f"--{flag}", action="store_const", const=True, default=None, help=option.help)
+        else:
+            parser.add_argument(f"--{flag}", type=option.kind, required=flag in required, help=option.help)
+
+
+def given_options(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The flags among ``flags`` that were given, as ``{section: {field: value}}`` (every
+    section of OPTIONS is present, possibly empty; '' holds the job's own fields)."""
+    sections: dict[str, dict[str, Any]] = {option.section: {} for option in OPTIONS}
+    for flag in flags:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            sections[BY_KEY[flag].section][BY_KEY[flag].field] = value
+    return sections
 
 
 def read_job_file(uri: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import StorageConfig
-from .jobspec import BY_KEY
+from .jobspec import add_option_arguments, given_options
 from .sink import SCHEMA, OutputLayout, data_files, read_json
 from .sources import filesystem
 
@@ -47,18 +47,12 @@ class QueryError(ValueError):
 
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     """The object-storage flags of ``lgca label`` (``--endpoint-url`` ...), same names and help."""
-    for flag in STORAGE_FLAGS:
-        option = BY_KEY[flag]
-        if option.kind is str:
-            parser.add_argument(f"--{flag}", default="", help=option.help)
-        else:
-            parser.add_argument(f"--{flag}", action="store_true", help=option.help)
+    add_option_arguments(parser, STORAGE_FLAGS)
 
 
 def storage_from_args(args: argparse.Namespace) -> StorageConfig:
     """The :class:`StorageConfig` given by the flags of :func:`add_storage_arguments`."""
-    values = {BY_KEY[flag].field: getattr(args, flag.replace("-", "_")) for flag in STORAGE_FLAGS}
-    return StorageConfig(**values)
+    return StorageConfig(**given_options(args, STORAGE_FLAGS)["storage"])
 
 
 def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
