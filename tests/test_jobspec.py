@@ -78,3 +78,18 @@ def test_every_option_has_a_flag_and_help():
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
     assert {f"--{o.flag}" for o in OPTIONS} <= flags
     assert all(o.help for o in OPTIONS)
+
+
+def test_other_commands_take_label_options_with_the_same_names_types_and_help():
+    import argparse
+
+    from pipeline.jobspec import add_option_arguments, given_options
+
+    parser = argparse.ArgumentParser()
+    add_option_arguments(parser, ("crops", "alpha", "anon", "classes", "model"), required=("classes",))
+    args = parser.parse_args(["--crops", "12", "--alpha", "0.3", "--anon", "--classes", "a,b"])
+    given = given_options(args, ("crops", "alpha", "anon", "classes", "model"))
+    assert given["scoring"] == {"crops": 12, "alpha": 0.3}  # typed; model was not given
+    assert given["storage"] == {"anon": True} and given["text"] == {"classes": "a,b"} and given["model"] == {}
+    with pytest.raises(SystemExit):  # a required option is still required
+        parser.parse_args(["--crops", "12"])
