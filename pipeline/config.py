@@ -67,7 +67,7 @@ class ScoringParams:
     aggregation: str = "mean"  # 'mean', 'last', or T+1 comma-separated step weights
     top_k: int = 5  # labels and scores kept per image and per step
     seed: int = 0  # run seed; crops of an image depend only on (seed, image id)
-    encode_batch_size: int = 0  # crops per image-encoder pass; 0 = auto (engine.AUTO_ENCODE_BATCH)
+    encode_batch_size: int = 0  # crops per image-encoder pass; 0 = auto (engine.encode_chunk)
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")

@@ -22,13 +22,12 @@ from .textbank import TextBank, build_text_bank
 # about 12 % of their time in page faults (tensors over glibc's 32 MB mmap threshold are
 # mapped and unmapped at every op) and 32-crop passes none: 9-14 % faster for ViT-B-32 on
 # 2 cores (docs/benchmarks.md). A GPU wants large passes.
-AUTO_ENCODE_BATCH = {"cpu": 32}
-AUTO_ENCODE_BATCH_ACCELERATOR = 256
+AUTO_ENCODE_BATCH_CPU, AUTO_ENCODE_BATCH_GPU = 32, 256
 
 
 def encode_chunk(params: ScoringParams, device: torch.device) -> int:
     """Crops per image-encoder pass: ``params.encode_batch_size``, or the device's default if 0."""
-    return params.encode_batch_size or AUTO_ENCODE_BATCH.get(device.type, AUTO_ENCODE_BATCH_ACCELERATOR)
+    return params.encode_batch_size or (AUTO_ENCODE_BATCH_CPU if device.type == "cpu" else AUTO_ENCODE_BATCH_GPU)
 
 
 class ClipLike(Protocol):

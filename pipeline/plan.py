@@ -116,7 +116,7 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_i
     Reading and decoding are CPU tasks spread over the cluster; their scheduling differs
     from the model actors' (SPREAD against DEFAULT), so Ray does not fuse them into the
     actors: the actors only score, ``batch_size`` decoded images a call, and results are
-    written as the calls finish.
+    written as soon as a file's worth (``ResourceConfig.file_rows``) is labelled.
     """
     from .actor import LabelActor  # here, so that read/decode workers (which import this module) skip torch
 
