@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 

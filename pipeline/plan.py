@@ -144,6 +144,7 @@ def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id
     """Stream the labelled rows into the output's data folder."""
     fs, path = filesystem(layout.data, job.storage)
     fs.makedirs(path, exist_ok=True)
-    dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), filename_provider=RunFiles(run_id),
-                          min_rows_per_file=job.resources.file_rows, ray_remote_args=worker_env())
+    dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+                          filename_provider=RunFiles(run_id), min_rows_per_file=job.resources.file_rows,
+                          ray_remote_args=worker_env())
 

@@ -110,7 +110,8 @@ def test_pipeline_runs_its_model_actor_on_the_gpu(checkpoint, tmp_path):
     rows = pq.read_table(tmp_path / "labels" / "data").to_pylist()
     assert (summary.ok, summary.errors) == (len(PHOTOS), 0), [row["error"] for row in rows]
     # one image per engine call on both sides, so the same kernels see the same inputs
-    expected = torch.cat([score(checkpoint, "cuda", "fp16", only=i, folder=folder).lgca for i in range(len(PHOTOS))]).float()
+    expected = torch.cat([score(checkpoint, "cuda", "fp16", only=i, folder=folder).lgca
+                          for i in range(len(PHOTOS))]).float()
     names = CLASSES.split(",")
     by_uri = {row["uri"].rsplit("/", 1)[-1]: row for row in rows}
     assert len(by_uri) == len(PHOTOS)

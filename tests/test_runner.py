@@ -177,7 +177,8 @@ def test_rows_per_file_merges_actor_calls_into_larger_files(ray_cluster, tmp_pat
         job = make_job([images], tmp_path / f"out-{rows}", tiny_checkpoint,
                        resources=ResourceConfig(batch_size=8, rows_per_file=rows))
         assert run_label_job(job).ok == 3 * FILES_PER_READ
-        sizes[rows] = sorted(pq.read_metadata(p).num_rows for p in (tmp_path / f"out-{rows}" / "data").glob("*.parquet"))
+        files = (tmp_path / f"out-{rows}" / "data").glob("*.parquet")
+        sizes[rows] = sorted(pq.read_metadata(path).num_rows for path in files)
     assert sizes[0] == [FILES_PER_READ] * 3  # auto on CPUs: one file per actor call
     assert sizes[2 * FILES_PER_READ] == [FILES_PER_READ, 2 * FILES_PER_READ]  # two calls merged, then the rest
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 from skimage import data as photos
 
 from pipeline.config import ConfigError
-from tests.support import make_tar, s3_client, upload
+from tests.support import make_tar, upload
 from pipeline.sources import (
     SourceError,
     StorageConfig,
