@@ -96,7 +96,8 @@ def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None)
         done = ray.get(done)
     for kind, uris in zip(batch["kind"], batch["uris"]):
         for rows in _read(kind, list(uris), job):
-            rows = drop_done(rows, done) if done is not None else rows
+            # loose files were filtered on the driver already; shard rows are known only now
+            rows = drop_done(rows, done) if done is not None and kind != "files" else rows
             if rows["id"]:
                 yield rows
 
@@ -125,7 +126,7 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_i
     remote = worker_env()
     stage = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **remote}
     items = work_items(work)
-    done_ref = ray.put(done) if len(done) else None
+    done_ref = ray.put(done) if len(done) and (work.tars or work.parquets) else None
     rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_items, fn_kwargs={"job": job, "done": done_ref}, batch_size=None, **stage)
     # batch_size=None on both: one read task per work item (Ray bundles inputs up to the

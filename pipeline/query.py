@@ -59,7 +59,6 @@ def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
     """Every data file of ``output`` as one lazily read pyarrow dataset with the output SCHEMA."""
     layout = OutputLayout(output)
     fs, _ = filesystem(layout.data, storage)
-    fs.invalidate_cache()  # the listing must show the files written now, not an earlier listing
     try:
         paths = data_files(layout, storage)
     except OSError as exc:  # s3fs reports missing buckets and refused credentials as OSError

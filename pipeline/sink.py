@@ -84,11 +84,12 @@ def _steps_column(names: Sequence[str], scores: BatchScores, top_k: int) -> pa.A
     if scores.steps is None:
         return pa.nulls(len(scores.clip), pa.list_(STEP_TYPE))
     step_scores, step_index = scores.steps.topk(top_k, dim=2)  # [T+1, B, k]
+    expanded = [None] + [scores.expanded_boxes(t).tolist() for t in range(1, scores.steps.shape[0])]
     rows = []
     for b in range(scores.steps.shape[1]):
         steps = []
         for t in range(scores.steps.shape[0]):
-            boxes = scores.expanded_boxes(t)[b].tolist() if t > 0 else []
+            boxes = expanded[t][b] if t > 0 else []
             steps.append({"step": t, "topk_labels": _labels(names, step_index[t, b]),
                           "topk_scores": step_scores[t, b].tolist(), "expanded_boxes": boxes})
         rows.append(steps)
@@ -143,6 +144,7 @@ class OutputLayout:
 def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
     """Paths of the output's Parquet files (of one run when ``run_id`` is given)."""
     fs, path = filesystem(layout.data, storage)
+    fs.invalidate_cache(path)  # list the files written now, not a listing cached earlier (s3fs)
     if not fs.exists(path):
         return []
     names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
