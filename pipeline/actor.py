@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from .config import ModelConfig, ScoringParams, StorageConfig
-from .decode import error_message, pixels_array
+from .decode import OUTPUT_COLUMNS, error_message, pixels_array
 from .engine import Engine, ImageInput
 from .models import load_model
 from .prompts import ClassSet
@@ -63,8 +63,7 @@ class LabelActor:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         """Score the decoded rows of ``batch``; returns one output row per input row."""
-        rows = {name: _column(batch, name) for name in
-                ("id", "uri", "pixels", "work_h", "work_w", "width", "height", "error")}
+        rows = {name: _column(batch, name) for name in OUTPUT_COLUMNS}
         errors = [error_message(value) for value in rows["error"]]
         good = [i for i, error in enumerate(errors) if error is None]
         bad = [i for i, error in enumerate(errors) if error is not None]

@@ -169,8 +169,6 @@ def time_method(loaded: LoadedModel, params: ScoringParams, images: list[ImageIn
     model = TimedModel(loaded.model, loaded.device) if shares else loaded.model
     engine = make_engine(model, loaded, params)
     total = crops = 0.0
-    if shares:
-        model.seconds = 0.0  # the text bank was encoded through it too
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         sync(loaded.device)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 METHODS = ("clip", "cupl", "wca", "lgca")
 PRECISIONS = ("fp32", "fp16", "bf16")
-AGGREGATIONS = ("mean", "last")
 S3_PROTOCOLS = ("s3", "s3a")
 
 
@@ -207,6 +206,7 @@ class InputConfig:
         _require(bool(self.image_column), "image_column", "must name the Parquet column with image bytes")
 
 
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit; larger images become error rows
 AUTO_ROWS_PER_FILE_GPU = 4096  # under 20 s of one H200's lgca output with ViT-B-32 (docs/benchmarks.md)
 
 
@@ -221,7 +221,7 @@ class ResourceConfig:
     threads_per_actor: int = 0  # torch threads of a model actor; 0 = its CPU reservation (Ray's default)
     batch_size: int = 32  # images per model-actor call
     rows_per_file: int = 0  # rows per output Parquet file at least; 0 = auto (see file_rows)
-    max_pixels: int = 178_956_970  # images with more pixels become error rows (decompression bombs)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels become error rows
 
     def __post_init__(self) -> None:
         _require(1 <= self.actors_min <= self.actors_max, "actors",

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import ConfigError, ScoringParams
+from .config import DEFAULT_MAX_PIXELS, ConfigError, ScoringParams
 
 WHITE = (255, 255, 255)
 OUTPUT_COLUMNS = ("id", "uri", "pixels", "work_h", "work_w", "width", "height", "error")
@@ -63,7 +63,7 @@ class DecodeLimits:
     """How large an image may be, and how large its working copy is."""
 
     max_short_side: int  # cap on the working copy's short side (downscale only); 0 = no cap
-    max_pixels: int = 178_956_970  # limit on the ORIGINAL width*height; bigger images are error rows
+    max_pixels: int = DEFAULT_MAX_PIXELS  # limit on the ORIGINAL width*height; bigger images are error rows
 
     def __post_init__(self) -> None:
         if self.max_short_side < 0:
@@ -78,7 +78,7 @@ class DecodeLimits:
                 "those images first; lower max_pixels or raise PIL.Image.MAX_IMAGE_PIXELS")
 
     @classmethod
-    def for_model(cls, image_size: int, scoring: ScoringParams, max_pixels: int = 178_956_970) -> DecodeLimits:
+    def for_model(cls, image_size: int, scoring: ScoringParams, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeLimits:
         """Limits for a model with ``image_size`` inputs: a short side of ``ceil(size / alpha)``
         when crops are scored (the smallest crop, alpha * min(H, W), is then never upsampled),
         else ``size`` (the full view alone)."""

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .config import ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig, to_dict
+from .config import DEFAULT_MAX_PIXELS, ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig, to_dict
 from .decode import Decoded, DecodeLimits, decode_image
 from .engine import BatchScores, Engine, ImageInput
-from .jobspec import OPTIONS, add_option_arguments, given_options
+from .jobspec import SCORING_FLAGS, add_option_arguments, given_options
 from .models import load_model
 from .prompts import ClassSet, load_class_set, normalize_name
 from .sources import (SourceError, detect_kind, filesystem, full_uri, iter_parquet_rows, list_image_files,
@@ -38,9 +38,7 @@ METHOD_NAMES = ("clip", "cupl", "wca", "lgca")
 TOP_K = 5
 PREFETCH_BATCHES = 2  # batches read and decoded ahead of the one being scored
 # The `lgca label` options (jobspec.OPTIONS, the one table of them) that mean the same here.
-SHARED_FLAGS = tuple(option.flag for option in OPTIONS if option.section in ("text", "model", "scoring", "storage")
-                     and option.flag not in ("method", "top-k")) + ("image-column", "id-column", "batch-size",
-                                                                    "max-pixels")
+SHARED_FLAGS = SCORING_FLAGS + ("image-column", "id-column", "batch-size", "max-pixels")
 SETTINGS = ("crops", "alpha", "beta", "steps", "expand_top", "expand_ratio", "aggregation", "seed")
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ class EvalConfig:
     id_column: str = ""  # Parquet: image ids; '' gives '<file uri>#<row number>'
     batch_size: int = 32  # images per engine call
     workers: int = 4  # threads reading and decoding ahead
-    max_pixels: int = 178_956_970  # larger images are errors (decompression bombs)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are errors (decompression bombs)
 
     def __post_init__(self) -> None:
         if self.scoring.method != "lgca":

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .config import ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig
 from .decode import DecodeLimits, decode_image
 from .engine import BatchScores, Engine, ImageInput
-from .jobspec import add_option_arguments, given_options
+from .jobspec import SCORING_FLAGS, add_option_arguments, given_options
 from .prompts import load_class_set
 from .sources import filesystem, full_uri
 
@@ -50,10 +50,7 @@ HEADER_LINES = 3
 LINE_HEIGHT = FONT_SIZE + LINE_SPACING
 CAPTION_HEIGHT = (1 + SHOWN_LABELS) * LINE_HEIGHT + MARGIN  # step title and labels under each image
 HEADER_HEIGHT = HEADER_LINES * LINE_HEIGHT + MARGIN
-EXPLAIN_FLAGS = ("classes", "descriptions", "descriptions-format", "templates", "model", "pretrained", "device",
-                 "precision", "cache-dir", "crops", "alpha", "beta", "lambda-v", "lambda-t", "steps", "expand-top",
-                 "expand-ratio", "aggregation", "seed", "encode-batch-size", "endpoint-url", "anon", "profile",
-                 "region")
+EXPLAIN_FLAGS = SCORING_FLAGS
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,10 @@ OPTIONS = (
     Option("name", "", "name", help="job name"),
 )
 BY_KEY = {option.flag: option for option in OPTIONS}
+# The options that shape one image's scores (text, model, scoring without method and top-k,
+# storage): what `lgca explain` and `lgca eval` take from `lgca label`.
+SCORING_FLAGS = tuple(option.flag for option in OPTIONS if option.section in ("text", "model", "scoring", "storage")
+                      and option.flag not in ("method", "top-k"))
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:

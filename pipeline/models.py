@@ -69,7 +69,12 @@ class LoadedModel:
     dtype: torch.dtype
     name: str  # open_clip model name as resolved (a config JSON path becomes its stem)
     pretrained: str  # the pretrained value as given
-    checkpoint_sha256: str | None  # sha256 of the checkpoint file used; None for tags and 'none'
+    checkpoint: Path | None = None  # the local checkpoint file loaded; None for tags and 'none'
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of the checkpoint file, read only when asked (it can be gigabytes)."""
+        return sha256_file(self.checkpoint) if self.checkpoint is not None else None
 
 
 @dataclass(frozen=True)
@@ -307,5 +312,5 @@ def load_model(cfg: ModelConfig, storage_options: dict | None = None) -> LoadedM
         dtype=DTYPES[cfg.precision],
         name=name,
         pretrained=cfg.pretrained,
-        checkpoint_sha256=sha256_file(weights.checkpoint) if weights.checkpoint is not None else None,
+        checkpoint=weights.checkpoint,
     )
