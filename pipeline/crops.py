@@ -6,6 +6,7 @@ which averages (anti-aliases) when a crop is larger than the model input.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,12 @@ def cut_crops(batch: PixelBatch, image_index: torch.Tensor, boxes: torch.Tensor,
     size = preprocess.image_size
     crops = roi_align(batch.pixels, rois, output_size=(size, size), spatial_scale=1.0,
                       sampling_ratio=-1, aligned=True)
-    mean = torch.tensor(preprocess.mean, device=crops.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std, device=crops.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _normaliser(preprocess.mean, preprocess.std, crops.device)
     return ((crops - mean) / std).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _normaliser(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The model's mean and std on 0..255 pixels as ``[1, 3, 1, 1]`` tensors on ``device``, made
+    once: a copy to the GPU in every encoder pass would wait for the GPU's queued work."""
+    return tuple(torch.tensor(values, device=device).view(1, 3, 1, 1) * 255.0 for values in (mean, std))
