@@ -32,7 +32,7 @@ from .jobspec import SCORING_FLAGS, add_option_arguments, given_options
 from .models import load_model
 from .prompts import ClassSet, load_class_set, normalize_name
 from .sources import (SourceError, detect_kind, filesystem, full_uri, iter_parquet_rows, list_image_files,
-                      list_shards, read_files_batch)
+                      list_shards, read_file)
 
 METHOD_NAMES = ("clip", "cupl", "wca", "lgca")
 TOP_K = 5
@@ -159,8 +159,7 @@ def load_sample(sample: Sample, storage: StorageConfig, limits: DecodeLimits) ->
     """Read (when needed) and decode one sample; failures come back in ``Decoded.error``."""
     data, error = sample.data, sample.error
     if data is None and error is None:
-        read = read_files_batch({"uri": [sample.uri]}, storage, threads=1)
-        data, error = read["bytes"][0], read["error"][0]
+        data, error = read_file(sample.uri, storage)  # in eval's own reader threads
     return Decoded(pixels=None, width=0, height=0, error=error) if error else decode_image(data, limits)
 
 

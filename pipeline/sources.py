@@ -120,7 +120,7 @@ def _append_row(columns: dict[str, list], row: dict) -> None:
         columns[name].append(row[name])
 
 
-def _read_one(uri: str, storage: StorageConfig) -> tuple[bytes | None, str | None]:
+def read_file(uri: str, storage: StorageConfig) -> tuple[bytes | None, str | None]:
     """The bytes of one file, or None and a ``read:`` error."""
     fs, path = filesystem(uri, storage)
     try:
@@ -137,7 +137,7 @@ def read_files_batch(batch: dict, storage: StorageConfig, threads: int = 16) -> 
     """
     uris = [str(uri) for uri in batch["uri"]]
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
-        results = list(pool.map(lambda uri: _read_one(uri, storage), uris))
+        results = list(pool.map(lambda uri: read_file(uri, storage), uris))
     return {
         "id": list(uris),
         "uri": list(uris),
