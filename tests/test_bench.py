@@ -88,8 +88,10 @@ def test_defaults_are_vit_b_32_with_random_weights_and_calibrated_sizes():
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_peak_rss_poller_finds_a_marked_child_and_its_peak():
     code = ("import mmap, sys, time; block = b'x' * (200 * 2**20); shared = mmap.mmap(-1, 100 * 2**20); "
-            "shared.write(b'y' * (100 * 2**20)); print('ready', flush=True); time.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", code, "lgca-bench-test-marker"], stdout=subprocess.PIPE)
+            "shared.write(b'y' * (100 * 2**20)); print('ready', flush=True); sys.stdin.readline(); "
+            "more = b'z' * (150 * 2**20); print('grown', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, "lgca-bench-test-marker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"ready\n"
         assert child.pid in descendants(os.getpid())
@@ -98,6 +100,11 @@ def test_peak_rss_poller_finds_a_marked_child_and_its_peak():
         assert poller.peak_kb / 1024 > 300  # both blocks
         assert 200 < poller.peak_own_kb / 1024 < 300  # the private block, not the shared one
         assert 100 <= poller.peak_shared_kb / 1024 < 110
+        child.stdin.write(b"grow\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"grown\n"
+        poller.poll()  # between two walks of the tree: the pid found by the first poll is read again
+        assert 350 < poller.peak_own_kb / 1024 < 450
         other = PeakRssPoller("no-process-has-this-marker")
         other.poll()
         assert other.peak_kb == 0
