@@ -31,6 +31,7 @@ from .sources import filesystem
 
 LABELS_VIEW = "labels"
 RESULT_VIEW = "lgca_result"
+SUMMARY_TABLE = "lgca_summary"  # summarize's one-scan aggregate
 FORMATS = ("table", "csv", "json", "parquet")
 SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 COPY_OPTIONS = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json", "parquet": "FORMAT parquet"}
@@ -181,16 +182,32 @@ class Summary:
         return out
 
 
-def _counts(con: duckdb.DuckDBPyConnection, sql: str, *params: Any) -> dict[str, int]:
+def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
     """``{key: count}`` from a two-column query, in the query's order."""
-    return {key: int(count) for key, count in con.execute(sql, list(params)).fetchall()}
+    return {key: int(count) for key, count in con.execute(sql).fetchall()}
 
 
-def _share(con: duckdb.DuckDBPyConnection, condition: str, where: str, *params: Any) -> Share:
-    """Among labels rows matching ``where``, how many match ``condition``."""
-    count, total = con.execute(f"SELECT count(*) FILTER (WHERE {condition}), count(*) FROM {LABELS_VIEW} "
-                               f"WHERE {where}", list(params)).fetchone()
-    return Share(int(count), int(total))
+def _share(con: duckdb.DuckDBPyConnection, count: str, total: str) -> Share:
+    """``Share(sum(count), sum(total))`` over the ok groups of the summary table."""
+    got = con.execute(f"SELECT coalesce(sum({count}), 0), coalesce(sum({total}), 0) FROM {SUMMARY_TABLE} "
+                      "WHERE status = 'ok'").fetchone()
+    return Share(int(got[0]), int(got[1]))
+
+
+def summary_table(con: duckdb.DuckDBPyConnection, margin: float, methods: tuple[str, ...]) -> None:
+    """One scan of ``labels`` into the small table SUMMARY_TABLE: row counts per status, label,
+    run and error reason, with the low-confidence and per-method agreement counts of each
+    group. Every number of the summary is a sum over it, so a large output on object storage
+    is read once (each further query reads this table, a few rows per label and run)."""
+    agreement = "".join(f", count(*) FILTER (WHERE {m}_label IS NOT NULL) AS {m}_n, "
+                        f"count(*) FILTER (WHERE {m}_label = label) AS {m}_same" for m in methods)
+    con.execute(
+        f"CREATE TEMP TABLE {SUMMARY_TABLE} AS SELECT status, label, run_id, "
+        "CASE WHEN status = 'error' THEN coalesce(nullif(split_part(error, ':', 1), ''), '(no message)') "
+        "END AS reason, count(*) AS n, count(*) FILTER (WHERE len(topk_scores) >= 2) AS ranked, "
+        "count(*) FILTER (WHERE len(topk_scores) >= 2 AND "
+        "CAST(topk_scores[1] AS DOUBLE) - CAST(topk_scores[2] AS DOUBLE) < ?) AS low"
+        f"{agreement} FROM {LABELS_VIEW} GROUP BY ALL", [margin])
 
 
 def read_runs(output: str, storage: StorageConfig) -> list[dict[str, Any]]:
@@ -214,24 +231,23 @@ def output_method(output: str, storage: StorageConfig, runs: list[dict[str, Any]
 
 
 def summarize(output: str, storage: StorageConfig, margin: float = DEFAULT_MARGIN) -> Summary:
-    """Count labels, errors, low-confidence rows and method agreement with SQL over ``labels``."""
+    """Count labels, errors, low-confidence rows and method agreement, in one scan of ``labels``."""
+    runs = read_runs(output, storage)
+    method = output_method(output, storage, runs)
+    compared = tuple(name for name in COMPARED_METHODS if name != method)
     con = connect(output, storage)
     try:
+        summary_table(con, margin, compared)
         rows, ok, errors = con.execute(
-            f"SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE status = 'error') "
-            f"FROM {LABELS_VIEW}").fetchone()
-        labels = _counts(con, f"SELECT label, count(*) AS n FROM {LABELS_VIEW} WHERE status = 'ok' "
-                              "GROUP BY label ORDER BY n DESC, label")
-        reasons = _counts(con, "SELECT coalesce(nullif(split_part(error, ':', 1), ''), '(no message)') AS reason, "
-                               f"count(*) AS n FROM {LABELS_VIEW} WHERE status = 'error' "
-                               "GROUP BY reason ORDER BY n DESC, reason")
-        low = _share(con, "CAST(topk_scores[1] AS DOUBLE) - CAST(topk_scores[2] AS DOUBLE) < ?",
-                     "status = 'ok' AND len(topk_scores) >= 2", margin)
-        runs = read_runs(output, storage)
-        method = output_method(output, storage, runs)
-        agreement = {name: _share(con, f"{name}_label = label", f"status = 'ok' AND {name}_label IS NOT NULL")
-                     for name in COMPARED_METHODS if name != method}
-        per_run = _counts(con, f"SELECT run_id, count(*) FROM {LABELS_VIEW} GROUP BY run_id")
+            "SELECT coalesce(sum(n), 0), coalesce(sum(n) FILTER (WHERE status = 'ok'), 0), "
+            f"coalesce(sum(n) FILTER (WHERE status = 'error'), 0) FROM {SUMMARY_TABLE}").fetchone()
+        labels = _counts(con, f"SELECT label, sum(n) AS c FROM {SUMMARY_TABLE} WHERE status = 'ok' "
+                              "GROUP BY label ORDER BY c DESC, label")
+        reasons = _counts(con, f"SELECT reason, sum(n) AS c FROM {SUMMARY_TABLE} WHERE status = 'error' "
+                               "GROUP BY reason ORDER BY c DESC, reason")
+        low = _share(con, "low", "ranked")
+        agreement = {name: _share(con, f"{name}_same", f"{name}_n") for name in compared}
+        per_run = _counts(con, f"SELECT run_id, sum(n) FROM {SUMMARY_TABLE} GROUP BY run_id")
     except duckdb.Error as exc:
         raise QueryError(str(exc)) from None
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -295,3 +296,15 @@ def test_scores_are_float32_like_the_output(output):
     assert all_rows(output).schema.field("topk_scores").type == pa.list_(pa.float32())
     gaps = [s[0] - s[1] for s in all_rows(output)["topk_scores"].to_pylist() if s]
     assert min(gaps) == pytest.approx(CLOSE, abs=1e-6) and np.all(np.array(gaps) >= 0)
+
+
+def test_summary_reads_each_data_file_once(output, monkeypatch):
+    """All of the summary comes from one scan: on object storage every read is a request."""
+    opened = []
+    real_open = pafs.FSSpecHandler.open_input_file
+    monkeypatch.setattr(pafs.FSSpecHandler, "open_input_file",
+                        lambda self, path: opened.append(path) or real_open(self, path))
+    summary = summarize(str(output), StorageConfig())
+    files = sorted(p.as_posix() for p in (output / "data").glob("*.parquet"))
+    assert summary.rows == 18 and len(files) >= 2
+    assert sorted(opened) == files
