@@ -26,15 +26,16 @@ class TextBank:
     ``anchors`` ``[C, D]``: ``t_c``, the mean of the class's prompt embeddings.
     ``cupl`` ``[C, D]``: ``normalize(mean_j t_cj)``.
     ``vectors`` ``[C, D]``: ``u_c = normalize(sum_j v_cj t_cj)``.
-    ``descriptions`` ``[M, D]``, ``owner`` ``[M]`` and ``weights`` ``[M]``: every
-    ``t_cj`` with its class index and its weight ``v_cj``.
+    ``owner`` ``[M]`` and ``weights`` ``[M]``: the class index and the weight ``v_cj`` of
+    every description ``t_cj``. The description embeddings themselves (``[M, D]``, 100 MB
+    for 1000 classes of 50 descriptions at D = 512) are not kept: scoring needs only the
+    three ``[C, D]`` matrices.
     """
 
     names: tuple[str, ...]
     anchors: torch.Tensor
     cupl: torch.Tensor
     vectors: torch.Tensor
-    descriptions: torch.Tensor
     owner: torch.Tensor
     weights: torch.Tensor
 
@@ -87,5 +88,4 @@ def build_text_bank(model: TextEncoder, tokenizer: Callable[[list[str]], torch.T
     vectors = torch.zeros(classes, dim, device=dev).index_add(0, owner, weights[:, None] * desc_emb)
     cupl = torch.zeros(classes, dim, device=dev).index_add(0, owner, desc_emb)
     return TextBank(names=tuple(names), anchors=anchors, cupl=F.normalize(cupl, dim=-1),
-                    vectors=F.normalize(vectors, dim=-1), descriptions=desc_emb,
-                    owner=owner, weights=weights)
+                    vectors=F.normalize(vectors, dim=-1), owner=owner, weights=weights)

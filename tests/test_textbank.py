@@ -44,3 +44,15 @@ def test_duplicate_descriptions_still_count_twice_in_the_weights():
     torch.testing.assert_close(bank.weights[0], bank.weights[1])
     torch.testing.assert_close(bank.weights[:3].sum(), torch.tensor(1.0))
     assert bank.weights[3].item() == 1.0
+
+
+def test_bank_keeps_class_matrices_and_per_description_scalars_only():
+    """The engine's memory per actor: [C, D] matrices and [M] vectors, no [M, D] embeddings."""
+    names = ["c0", "c1", "c2"]
+    prompts = [[f"p{c}"] for c in range(3)]
+    descriptions = [[f"d{c}{j}" for j in range(40)] for c in range(3)]
+    table = TextTable([t for p in prompts for t in p] + [t for d in descriptions for t in d], 16)
+    bank = build_text_bank(CountingText(table), table.tokenize, names, prompts, descriptions,
+                           lambda_t=2.0, batch_size=32, device=torch.device("cpu"))
+    shapes = {name: tuple(value.shape) for name, value in vars(bank).items() if isinstance(value, torch.Tensor)}
+    assert shapes == {"anchors": (3, 16), "cupl": (3, 16), "vectors": (3, 16), "owner": (120,), "weights": (120,)}
