@@ -188,26 +188,31 @@ def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
 
 
 def _share(con: duckdb.DuckDBPyConnection, count: str, total: str) -> Share:
-    """``Share(sum(count), sum(total))`` over the ok groups of the summary table."""
+    """``Share(sum(count), sum(total))`` over the ok rows of the summary table's label groups."""
     got = con.execute(f"SELECT coalesce(sum({count}), 0), coalesce(sum({total}), 0) FROM {SUMMARY_TABLE} "
-                      "WHERE status = 'ok'").fetchone()
+                      "WHERE grouping = 'label' AND status = 'ok'").fetchone()
     return Share(int(got[0]), int(got[1]))
 
 
 def summary_table(con: duckdb.DuckDBPyConnection, margin: float, methods: tuple[str, ...]) -> None:
-    """One scan of ``labels`` into the small table SUMMARY_TABLE: row counts per status, label,
-    run and error reason, with the low-confidence and per-method agreement counts of each
-    group. Every number of the summary is a sum over it, so a large output on object storage
-    is read once (each further query reads this table, a few rows per label and run)."""
+    """One scan of ``labels`` into the small table SUMMARY_TABLE, whose ``grouping`` column
+    names three sets of groups: ``label`` (per status and label), ``reason`` (per status and
+    error reason) and ``run`` (per run id); each group has its row count ``n`` and its
+    low-confidence and per-method agreement counts. Every number of the summary is a sum
+    over it, so a large output on object storage is read once, and the table holds a few
+    rows per label, reason and run, however many images there are."""
     agreement = "".join(f", count(*) FILTER (WHERE {m}_label IS NOT NULL) AS {m}_n, "
                         f"count(*) FILTER (WHERE {m}_label = label) AS {m}_same" for m in methods)
+    columns = "".join(f", {m}_label" for m in methods)
     con.execute(
-        f"CREATE TEMP TABLE {SUMMARY_TABLE} AS SELECT status, label, run_id, "
-        "CASE WHEN status = 'error' THEN coalesce(nullif(split_part(error, ':', 1), ''), '(no message)') "
-        "END AS reason, count(*) AS n, count(*) FILTER (WHERE len(topk_scores) >= 2) AS ranked, "
-        "count(*) FILTER (WHERE len(topk_scores) >= 2 AND "
-        "CAST(topk_scores[1] AS DOUBLE) - CAST(topk_scores[2] AS DOUBLE) < ?) AS low"
-        f"{agreement} FROM {LABELS_VIEW} GROUP BY ALL", [margin])
+        f"CREATE TEMP TABLE {SUMMARY_TABLE} AS SELECT "
+        "CASE WHEN GROUPING(run_id) = 0 THEN 'run' WHEN GROUPING(reason) = 0 THEN 'reason' ELSE 'label' END "
+        "AS grouping, status, label, reason, run_id, count(*) AS n, "
+        "count(*) FILTER (WHERE len(topk_scores) >= 2) AS ranked, count(*) FILTER (WHERE len(topk_scores) >= 2 "
+        "AND CAST(topk_scores[1] AS DOUBLE) - CAST(topk_scores[2] AS DOUBLE) < ?) AS low"
+        f"{agreement} FROM (SELECT status, label, run_id, topk_scores{columns}, CASE WHEN status = 'error' THEN "
+        "coalesce(nullif(split_part(error, ':', 1), ''), '(no message)') END AS reason "
+        f"FROM {LABELS_VIEW}) GROUP BY GROUPING SETS ((status, label), (status, reason), (run_id))", [margin])
 
 
 def read_runs(output: str, storage: StorageConfig) -> list[dict[str, Any]]:
@@ -240,14 +245,15 @@ def summarize(output: str, storage: StorageConfig, margin: float = DEFAULT_MARGI
         summary_table(con, margin, compared)
         rows, ok, errors = con.execute(
             "SELECT coalesce(sum(n), 0), coalesce(sum(n) FILTER (WHERE status = 'ok'), 0), "
-            f"coalesce(sum(n) FILTER (WHERE status = 'error'), 0) FROM {SUMMARY_TABLE}").fetchone()
-        labels = _counts(con, f"SELECT label, sum(n) AS c FROM {SUMMARY_TABLE} WHERE status = 'ok' "
-                              "GROUP BY label ORDER BY c DESC, label")
-        reasons = _counts(con, f"SELECT reason, sum(n) AS c FROM {SUMMARY_TABLE} WHERE status = 'error' "
-                               "GROUP BY reason ORDER BY c DESC, reason")
+            f"coalesce(sum(n) FILTER (WHERE status = 'error'), 0) FROM {SUMMARY_TABLE} "
+            "WHERE grouping = 'label'").fetchone()
+        labels = _counts(con, f"SELECT label, n FROM {SUMMARY_TABLE} WHERE grouping = 'label' AND status = 'ok' "
+                              "ORDER BY n DESC, label")
+        reasons = _counts(con, f"SELECT reason, n FROM {SUMMARY_TABLE} WHERE grouping = 'reason' "
+                               "AND status = 'error' ORDER BY n DESC, reason")
         low = _share(con, "low", "ranked")
         agreement = {name: _share(con, f"{name}_same", f"{name}_n") for name in compared}
-        per_run = _counts(con, f"SELECT run_id, sum(n) FROM {SUMMARY_TABLE} GROUP BY run_id")
+        per_run = _counts(con, f"SELECT run_id, n FROM {SUMMARY_TABLE} WHERE grouping = 'run'")
     except duckdb.Error as exc:
         raise QueryError(str(exc)) from None
     finally:

@@ -18,8 +18,8 @@ import torch
 
 from pipeline.config import StorageConfig
 from pipeline.engine import BatchScores
-from pipeline.query import (QueryError, Share, connect, format_summary, register, resolve_format, run_sql,
-                            summarize)
+from pipeline.query import (SUMMARY_TABLE, QueryError, Share, connect, format_summary, register, resolve_format,
+                            run_sql, summarize, summary_table)
 from pipeline.sink import OutputLayout, error_table, scored_table, write_json
 from tests.support import s3_client, upload
 
@@ -308,3 +308,13 @@ def test_summary_reads_each_data_file_once(output, monkeypatch):
     files = sorted(p.as_posix() for p in (output / "data").glob("*.parquet"))
     assert summary.rows == 18 and len(files) >= 2
     assert sorted(opened) == files
+
+
+def test_summary_table_has_a_row_per_label_reason_and_run_not_per_image(output):
+    rows = all_rows(output).to_pylist()
+    reason = [r["error"].split(":", 1)[0] if r["status"] == "error" else None for r in rows]
+    want = (len({(r["status"], r["label"]) for r in rows}) + len({(r["status"], x) for r, x in zip(rows, reason)})
+            + len({r["run_id"] for r in rows}))
+    con = connect(str(output), StorageConfig())
+    summary_table(con, 0.01, ("clip", "cupl", "wca"))
+    assert con.execute(f"SELECT count(*) FROM {SUMMARY_TABLE}").fetchone()[0] == want < len(rows)
