@@ -146,8 +146,8 @@ def run_label_job(job: LabelJob) -> RunSummary:
         start_ray(job)
         dataset = plan.build(work, job, classes, done, run_id, image_size)
         plan.write(dataset, layout, job, run_id)
-    messages = read_column(layout, job.storage, "error", run_id).to_pylist()  # null on ok rows
-    errors = [message for message in messages if message is not None]
+    messages = read_column(layout, job.storage, "error", run_id)  # null on ok rows
+    errors = messages.drop_null().to_pylist()  # only the error rows become Python strings
     reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
     summary = RunSummary(run_id=run_id, output=job.output, ok=len(messages) - len(errors), errors=len(errors),
                          skipped=skipped, seconds=time.monotonic() - clock, error_reasons=reasons)

@@ -87,6 +87,17 @@ def test_done_ids_and_partial_files(tmp_path):
     assert DoneIds.load(OutputLayout(str(tmp_path / "empty")), LOCAL).contains(["x"]).tolist() == [False]
 
 
+def test_done_ids_are_sorted_unique_digests_of_every_file(tmp_path):
+    """Ids repeated across files (two runs that overlapped) count once; lookups still work."""
+    ids = [f"s3://b/{i}.jpg" for i in range(500)]
+    write_rows(tmp_path, "r1_a_000000-0.parquet", ids[:300])
+    write_rows(tmp_path, "r2_a_000000-0.parquet", ids[200:])  # 200..299 in both
+    done = DoneIds.load(OutputLayout(str(tmp_path)), LOCAL)
+    assert len(done) == 500
+    assert (done.digests[:-1] < done.digests[1:]).all()  # strictly increasing: sorted, no repeats
+    assert done.contains(ids[::-1] + ["s3://b/500.jpg"]).tolist() == [True] * 500 + [False]
+
+
 def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
     layout = OutputLayout(str(tmp_path))
     check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
