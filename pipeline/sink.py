@@ -178,6 +178,9 @@ def id_digests(ids: Sequence[str]) -> np.ndarray:
     return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
 
 
+CONTAINS_CHUNK = 1 << 20  # ids digested at a time by DoneIds.contains
+
+
 @dataclass(frozen=True)
 class DoneIds:
     """The ids already in the output, as a sorted array of digests (16 bytes an id)."""
@@ -201,12 +204,16 @@ class DoneIds:
         return len(self.digests)
 
     def contains(self, ids: Sequence[str]) -> np.ndarray:
-        """A boolean mask: which of ``ids`` are already labelled."""
-        if len(self.digests) == 0 or len(ids) == 0:
-            return np.zeros(len(ids), dtype=bool)
-        query = id_digests(ids)
-        pos = np.minimum(np.searchsorted(self.digests, query), len(self.digests) - 1)
-        return self.digests[pos] == query
+        """A boolean mask: which of ``ids`` are already labelled (digested CONTAINS_CHUNK ids at
+        a time, so a listing of many millions of files is never digested at once)."""
+        mask = np.zeros(len(ids), dtype=bool)
+        if len(self.digests) == 0:
+            return mask
+        for start in range(0, len(ids), CONTAINS_CHUNK):
+            query = id_digests(ids[start:start + CONTAINS_CHUNK])
+            pos = np.minimum(np.searchsorted(self.digests, query), len(self.digests) - 1)
+            mask[start:start + len(query)] = self.digests[pos] == query
+        return mask
 
 
 def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import ConfigError, StorageConfig
 from pipeline.engine import BatchScores
-from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, error_table, read_column,
+from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, error_table, id_digests, read_column,
                            scored_table)
 
 NAMES = ["cat", "dog", "owl"]
@@ -96,6 +96,13 @@ def test_done_ids_are_sorted_unique_digests_of_every_file(tmp_path):
     assert len(done) == 500
     assert (done.digests[:-1] < done.digests[1:]).all()  # strictly increasing: sorted, no repeats
     assert done.contains(ids[::-1] + ["s3://b/500.jpg"]).tolist() == [True] * 500 + [False]
+
+
+def test_done_ids_lookup_across_digest_chunks(monkeypatch):
+    monkeypatch.setattr("pipeline.sink.CONTAINS_CHUNK", 3)
+    done = DoneIds(np.sort(id_digests(["a", "b", "c", "d"])))
+    assert done.contains(["x", "a", "b", "y", "d", "z", "c"]).tolist() == [False, True, True, False, True, False, True]
+    assert done.contains([]).tolist() == []
 
 
 def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
