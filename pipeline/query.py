@@ -237,11 +237,11 @@ def output_method(output: str, storage: StorageConfig, runs: list[dict[str, Any]
 
 def summarize(output: str, storage: StorageConfig, margin: float = DEFAULT_MARGIN) -> Summary:
     """Count labels, errors, low-confidence rows and method agreement, in one scan of ``labels``."""
-    runs = read_runs(output, storage)
-    method = output_method(output, storage, runs)
-    compared = tuple(name for name in COMPARED_METHODS if name != method)
-    con = connect(output, storage)
+    con = connect(output, storage)  # first: no data (or no access) is a QueryError that says so
     try:
+        runs = read_runs(output, storage)
+        method = output_method(output, storage, runs)
+        compared = tuple(name for name in COMPARED_METHODS if name != method)
         summary_table(con, margin, compared)
         rows, ok, errors = con.execute(
             "SELECT coalesce(sum(n), 0), coalesce(sum(n) FILTER (WHERE status = 'ok'), 0), "
