@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -141,6 +143,9 @@ class OutputLayout:
         return self.path("_lgca", "runs", f"{run_id}.json")
 
 
+READ_THREADS = 16  # output files read at once by iter_column
+
+
 def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
     """Paths of the output's Parquet files (of one run when ``run_id`` is given)."""
     fs, path = filesystem(layout.data, storage)
@@ -151,20 +156,42 @@ def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -
     return [p for p in names if not run_id or p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
 
 
-def iter_column(layout: OutputLayout, storage: StorageConfig, column: str,
-                run_id: str = "") -> Iterator[pa.ChunkedArray]:
-    """One column of each complete data file in turn, one file in memory at a time; unreadable
-    files (partial writes of a killed run) are deleted so their images are labelled again."""
+def _read_one_column(fs: Any, path: str, column: str) -> pa.ChunkedArray | Exception:
+    """``column`` of one data file, or the error that kept it from being read."""
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=[column]).column(column)
+    except (pa.ArrowInvalid, OSError) as exc:
+        return exc
+
+
+def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "",
+                threads: int = READ_THREADS) -> Iterator[pa.ChunkedArray]:
+    """One column of each complete data file, in file order. ``threads`` files are read at once
+    (on object storage each read is a few requests; an output of a billion images has
+    hundreds of thousands of files) and at most twice as many are held ahead of the caller.
+    Unreadable files (partial writes of a killed run) are deleted so their images are
+    labelled again."""
     fs, _ = filesystem(layout.data, storage)
-    for path in data_files(layout, storage, run_id):
-        try:
-            with fs.open(path, "rb") as handle:
-                values = pq.read_table(handle, columns=[column]).column(column)
-        except (pa.ArrowInvalid, OSError) as exc:
-            log.warning("removing incomplete output file %s (%s); its images will be labelled again", path, exc)
-            fs.rm(path)
-            continue
-        yield values
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lgca-output-read") as pool:
+        ahead: deque[tuple[str, Future]] = deque()
+        for path in data_files(layout, storage, run_id):
+            ahead.append((path, pool.submit(_read_one_column, fs, path, column)))
+            if len(ahead) >= 2 * threads:
+                yield from _read_or_remove(fs, *ahead.popleft())
+        while ahead:
+            yield from _read_or_remove(fs, *ahead.popleft())
+
+
+def _read_or_remove(fs: Any, path: str, read: Future) -> Iterator[pa.ChunkedArray]:
+    """The column :func:`iter_column` read from ``path``; or nothing, the file deleted, if it
+    could not be read."""
+    result = read.result()
+    if isinstance(result, Exception):
+        log.warning("removing incomplete output file %s (%s); its images will be labelled again", path, result)
+        fs.rm(path)
+        return
+    yield result
 
 
 def read_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "") -> pa.ChunkedArray:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,8 +11,9 @@ import torch
 
 from pipeline.config import ConfigError, StorageConfig
 from pipeline.engine import BatchScores
-from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, error_table, id_digests, read_column,
-                           scored_table)
+from pipeline import sink
+from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, error_table, id_digests, iter_column,
+                           read_column, scored_table)
 
 NAMES = ["cat", "dog", "owl"]
 LOCAL = StorageConfig()
@@ -96,6 +98,22 @@ def test_done_ids_are_sorted_unique_digests_of_every_file(tmp_path):
     assert len(done) == 500
     assert (done.digests[:-1] < done.digests[1:]).all()  # strictly increasing: sorted, no repeats
     assert done.contains(ids[::-1] + ["s3://b/500.jpg"]).tolist() == [True] * 500 + [False]
+
+
+def test_output_files_are_read_several_at_once_and_yielded_in_order(tmp_path, monkeypatch):
+    """On object storage every file read waits on requests: iter_column keeps several in flight."""
+    for i in range(4):
+        write_rows(tmp_path, f"r1_a_{i:06d}-0.parquet", [f"s3://b/{i}.jpg"])
+    together = threading.Barrier(4, timeout=30)  # a sequential reader would break it
+    real = sink._read_one_column
+
+    def read(fs, path, column):
+        together.wait()
+        return real(fs, path, column)
+
+    monkeypatch.setattr(sink, "_read_one_column", read)
+    values = [v for chunk in iter_column(OutputLayout(str(tmp_path)), LOCAL, "id") for v in chunk.to_pylist()]
+    assert values == [f"s3://b/{i}.jpg" for i in range(4)]
 
 
 def test_done_ids_lookup_across_digest_chunks(monkeypatch):
