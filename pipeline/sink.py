@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import ConfigError, StorageConfig
-from .sources import filesystem
+from .sources import SourceError, filesystem
 
 if TYPE_CHECKING:  # read/decode workers import this module: they need no torch
     import torch
@@ -156,12 +156,14 @@ def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -
     return [p for p in names if not run_id or p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
 
 
-def _read_one_column(fs: Any, path: str, column: str) -> pa.ChunkedArray | Exception:
-    """``column`` of one data file, or the error that kept it from being read."""
+def _read_one_column(fs: Any, path: str, column: str) -> pa.ChunkedArray | pa.ArrowInvalid:
+    """``column`` of one data file, or the ArrowInvalid of a file that is not (yet) Parquet: a
+    partial write of a killed run (a cut file has no closing magic bytes). Other errors (the
+    network, permissions) are raised: they say nothing about the file."""
     try:
         with fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=[column]).column(column)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except pa.ArrowInvalid as exc:
         return exc
 
 
@@ -173,7 +175,8 @@ def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_i
     Unreadable files (partial writes of a killed run) are deleted so their images are
     labelled again."""
     fs, _ = filesystem(layout.data, storage)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lgca-output-read") as pool:
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lgca-output-read")
+    try:
         ahead: deque[tuple[str, Future]] = deque()
         for path in data_files(layout, storage, run_id):
             ahead.append((path, pool.submit(_read_one_column, fs, path, column)))
@@ -181,13 +184,19 @@ def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_i
                 yield from _read_or_remove(fs, *ahead.popleft())
         while ahead:
             yield from _read_or_remove(fs, *ahead.popleft())
+    finally:  # on an error or an early stop, drop the queued reads instead of waiting for them
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _read_or_remove(fs: Any, path: str, read: Future) -> Iterator[pa.ChunkedArray]:
-    """The column :func:`iter_column` read from ``path``; or nothing, the file deleted, if it
-    could not be read."""
-    result = read.result()
-    if isinstance(result, Exception):
+    """The column :func:`iter_column` read from ``path``; nothing, the file deleted, if it is a
+    partial write; a SourceError if it could not be read at all (the file is kept)."""
+    try:
+        result = read.result()
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read this output file ({type(exc).__name__}: {exc}); nothing was "
+                          "removed: check access to the output and run again") from exc
+    if isinstance(result, pa.ArrowInvalid):
         log.warning("removing incomplete output file %s (%s); its images will be labelled again", path, result)
         fs.rm(path)
         return

@@ -80,14 +80,17 @@ def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...]
     """
     fs, path = filesystem(uri, storage)
     fs.invalidate_cache()  # listings must reflect the store now, not an earlier listing
-    if any(char in path for char in _GLOB_CHARS):
-        found = [name for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
-    elif fs.isfile(path):
-        found = [path]
-    elif fs.isdir(path):
-        found = fs.find(path)
-    else:
-        raise SourceError(f"{uri}: no such file, folder or prefix")
+    try:
+        if any(char in path for char in _GLOB_CHARS):
+            found = [name for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
+        elif fs.isfile(path):
+            found = [path]
+        elif fs.isdir(path):
+            found = fs.find(path)
+        else:
+            raise SourceError(f"{uri}: no such file, folder or prefix")
+    finally:
+        fs.invalidate_cache()  # s3fs keeps an info dict per listed object (~3 KB) for the process's life
     matching = sorted(full_uri(fs, name) for name in found if name.lower().endswith(extensions))
     if not matching:
         raise SourceError(f"{uri}: no {what} found (looked for names ending in {', '.join(extensions)}, "

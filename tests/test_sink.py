@@ -11,6 +11,7 @@ import torch
 
 from pipeline.config import ConfigError, StorageConfig
 from pipeline.engine import BatchScores
+from pipeline.sources import SourceError
 from pipeline import sink
 from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, error_table, id_digests, iter_column,
                            read_column, scored_table)
@@ -114,6 +115,24 @@ def test_output_files_are_read_several_at_once_and_yielded_in_order(tmp_path, mo
     monkeypatch.setattr(sink, "_read_one_column", read)
     values = [v for chunk in iter_column(OutputLayout(str(tmp_path)), LOCAL, "id") for v in chunk.to_pylist()]
     assert values == [f"s3://b/{i}.jpg" for i in range(4)]
+
+
+def test_an_output_file_that_cannot_be_fetched_is_kept_and_the_run_stops(tmp_path, monkeypatch):
+    """Only a file that is not Parquet (a partial write) is removed; a network or permission
+    error says nothing about the file, so it stays and the error names it."""
+    write_rows(tmp_path, "r1_a_000000-0.parquet", ["s3://b/1.jpg"])
+    write_rows(tmp_path, "r1_a_000001-0.parquet", ["s3://b/2.jpg"])
+    real = pq.read_table
+
+    def flaky(source, *args, **kwargs):
+        if "000001" in getattr(source, "path", str(source)):
+            raise ConnectionError("connection reset by peer")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(sink.pq, "read_table", flaky)
+    with pytest.raises(SourceError, match="000001-0.parquet: cannot read .*ConnectionError.*nothing was removed"):
+        DoneIds.load(OutputLayout(str(tmp_path)), LOCAL)
+    assert (tmp_path / "data" / "r1_a_000001-0.parquet").exists()
 
 
 def test_done_ids_lookup_across_digest_chunks(monkeypatch):

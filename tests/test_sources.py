@@ -161,6 +161,8 @@ def test_s3_listing_and_reading_with_endpoint_in_config(moto_endpoint, bucket, i
     listed = list(list_image_files(f"s3://{bucket}/photos", storage))
     assert listed == [f"s3://{bucket}/photos/a.jpeg", f"s3://{bucket}/photos/b.jpg",
                       f"s3://{bucket}/photos/sub/c.PNG"]
+    fs, _ = filesystem(f"s3://{bucket}/photos", storage)
+    assert not fs.dircache  # s3fs's per-object listing cache is dropped, not kept for the run
     out = read_files_batch({"uri": listed + [f"s3://{bucket}/photos/missing.jpg"]}, storage)
     assert out["id"][:3] == listed
     assert out["bytes"][:3] == [objects["photos/a.jpeg"], objects["photos/b.jpg"], objects["photos/sub/c.PNG"]]
