@@ -214,8 +214,9 @@ class PeakRssPoller(threading.Thread):
     """Polls the memory of this process's descendants whose command line holds ``marker``.
 
     Walking the process tree reads every process's ``/proc/<pid>/stat`` (about 1 ms of CPU on
-    a machine with ~120 processes), so it runs only every ``SCAN_EVERY`` polls; the pids it
-    found are read at every poll. The observer thus costs the measured run little.
+    a machine with ~120 processes), so once a matching process is found it runs only every
+    ``SCAN_EVERY`` polls; the pids it found are read at every poll. The observer thus costs
+    the measured run little.
 
     ``peak_kb``: the largest ``VmHWM`` (peak resident set, shared pages included).
     ``peak_own_kb``: the largest ``RssAnon + RssFile`` seen, the resident set without shared
