@@ -50,7 +50,6 @@ HEADER_LINES = 3
 LINE_HEIGHT = FONT_SIZE + LINE_SPACING
 CAPTION_HEIGHT = (1 + SHOWN_LABELS) * LINE_HEIGHT + MARGIN  # step title and labels under each image
 HEADER_HEIGHT = HEADER_LINES * LINE_HEIGHT + MARGIN
-EXPLAIN_FLAGS = SCORING_FLAGS
 
 
 @dataclass(frozen=True)
@@ -221,7 +220,7 @@ def explain_image(uri: str, text: TextConfig, model: ModelConfig, scoring: Scori
 
 def configs_from_args(args: argparse.Namespace) -> tuple[TextConfig, ModelConfig, ScoringParams, StorageConfig]:
     """The configs that the job flags of ``lgca explain`` fill (unset flags keep the defaults)."""
-    given = given_options(args, EXPLAIN_FLAGS)
+    given = given_options(args, SCORING_FLAGS)
     return (TextConfig(**given["text"]), ModelConfig(**given["model"]),
             ScoringParams(method="lgca", **given["scoring"]), StorageConfig(**given["storage"]))
 
@@ -255,5 +254,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                                                  "ids a loose file: its absolute path or URL)")
     parser.add_argument("--panel-width", type=int, default=320, help="pixels per step panel (default 320)")
     parser.add_argument("--columns", type=int, default=4, help="panels per row (default 4)")
-    add_option_arguments(parser, EXPLAIN_FLAGS, required=("classes",))
+    add_option_arguments(parser, SCORING_FLAGS, required=("classes",))
     parser.set_defaults(handler=_explain)

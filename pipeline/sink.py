@@ -156,15 +156,10 @@ def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -
     return [p for p in names if not run_id or p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
 
 
-def _read_one_column(fs: Any, path: str, column: str) -> pa.ChunkedArray | pa.ArrowInvalid:
-    """``column`` of one data file, or the ArrowInvalid of a file that is not (yet) Parquet: a
-    partial write of a killed run (a cut file has no closing magic bytes). Other errors (the
-    network, permissions) are raised: they say nothing about the file."""
-    try:
-        with fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=[column]).column(column)
-    except pa.ArrowInvalid as exc:
-        return exc
+def _read_one_column(fs: Any, path: str, column: str) -> pa.ChunkedArray:
+    """``column`` of one data file."""
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=[column]).column(column)
 
 
 def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "",
@@ -189,18 +184,20 @@ def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_i
 
 
 def _read_or_remove(fs: Any, path: str, read: Future) -> Iterator[pa.ChunkedArray]:
-    """The column :func:`iter_column` read from ``path``; nothing, the file deleted, if it is a
-    partial write; a SourceError if it could not be read at all (the file is kept)."""
+    """The column :func:`iter_column` read from ``path``. A file that is not (yet) Parquet is a
+    partial write of a killed run (a cut file has no closing magic bytes): it is deleted and
+    nothing is yielded. Any other error (the network, permissions) says nothing about the
+    file: it is kept and a SourceError names it."""
     try:
-        result = read.result()
+        values = read.result()
+    except pa.ArrowInvalid as exc:
+        log.warning("removing incomplete output file %s (%s); its images will be labelled again", path, exc)
+        fs.rm(path)
+        return
     except OSError as exc:
         raise SourceError(f"{path}: cannot read this output file ({type(exc).__name__}: {exc}); nothing was "
                           "removed: check access to the output and run again") from exc
-    if isinstance(result, pa.ArrowInvalid):
-        log.warning("removing incomplete output file %s (%s); its images will be labelled again", path, result)
-        fs.rm(path)
-        return
-    yield result
+    yield values
 
 
 def read_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "") -> pa.ChunkedArray:
