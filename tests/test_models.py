@@ -16,6 +16,7 @@ from pipeline.config import ConfigError, ModelConfig
 from tests.support import s3_client
 from pipeline.models import (
     BUILTIN_CONFIG_DIR,
+    INIT_FUNCTIONS,
     Preprocess,
     checkpoint_cache_path,
     fetch_checkpoint,
@@ -115,6 +116,46 @@ def test_local_checkpoint_loads_exact_weights(tmp_path, checkpoint):
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_image(images), reference.encode_image(images))
         assert torch.equal(loaded.model.encode_text(tokens), reference.encode_text(tokens))
+
+
+@pytest.fixture
+def init_calls(monkeypatch) -> dict[str, int]:
+    """Counts the calls of torch.nn.init's initialisers (those INIT_FUNCTIONS name)."""
+    calls = dict.fromkeys(INIT_FUNCTIONS, 0)
+
+    def counting(name, function):
+        def count(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return count
+
+    for name in INIT_FUNCTIONS:
+        monkeypatch.setattr(torch.nn.init, name, counting(name, getattr(torch.nn.init, name)))
+    return calls
+
+
+def test_checkpoint_load_skips_random_init(tmp_path, checkpoint, init_calls, caplog):
+    with pytest.warns(UserWarning, match="meaningless"):
+        load_model(tiny_config(tmp_path))
+    assert init_calls["normal_"] > 0 and init_calls["kaiming_uniform_"] > 0  # random weights are drawn
+    before, caplog.records[:] = dict(init_calls), []
+    loaded = load_model(tiny_config(tmp_path, pretrained=str(checkpoint.path)))
+    assert init_calls == before  # nothing drawn only to be overwritten
+    assert_same_weights(loaded.model, checkpoint.state_dict)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]  # open_clip's, wrong here
+    torch.nn.init.normal_(torch.empty(3))  # the initialisers are back
+    assert init_calls["normal_"] == before["normal_"] + 1
+
+
+def test_checkpoint_lacking_a_tensor_is_refused(tmp_path, checkpoint, init_calls):
+    partial = dict(checkpoint.state_dict)
+    del partial["visual.proj"]
+    path = tmp_path / "partial.pt"
+    torch.save(partial, path)
+    with pytest.raises(ConfigError, match=r"(?s)does not fit model 'lgca-tiny'.*Missing key.*visual\.proj"):
+        load_model(tiny_config(tmp_path, pretrained=str(path)))  # never a model with an uninitialised weight
+    torch.nn.init.normal_(torch.empty(3))  # restored after the failure too
+    assert init_calls["normal_"] == 1
 
 
 def test_wrapped_state_dict_in_bf16(tmp_path, checkpoint):
