@@ -299,6 +299,17 @@ def run_pipeline_once(job: LabelJob, ray_cpus: int, ray_gpus: int) -> PipelineRu
                        actor_peak_shared_mb=poller.peak_shared_kb / 1024 if poller.peak_kb else None)
 
 
+def save_weights(model: torch.nn.Module, path: Path) -> str:
+    """Save ``model``'s state_dict as a checkpoint file; returns its path.
+
+    With ``--pretrained none`` the pipeline's actor loads the engine's random weights from
+    this file, as a real run loads a checkpoint (random initialisation is no part of one),
+    and scores with the very weights the engine was timed with.
+    """
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
 def run_pipeline(cfg: BenchConfig, loaded: LoadedModel, jpegs: list[bytes], count: int,
                  batch_size: int) -> tuple[list[PipelineRun], dict[str, Any]]:
     """The pipeline on the engine's ``count`` images repeated SIZES times, each size in a fresh process."""
@@ -308,13 +319,18 @@ def run_pipeline(cfg: BenchConfig, loaded: LoadedModel, jpegs: list[bytes], coun
              "threads_per_actor": 0 if gpu else cpu_count(), "gpus_per_actor": int(gpu)}
     runs = []
     with tempfile.TemporaryDirectory(prefix="lgca-bench-") as temp:
+        model = replace(cfg.model, device=str(loaded.device))
+        setup["pipeline_pretrained"] = cfg.model.pretrained
+        if cfg.model.pretrained.lower() == "none":
+            model = replace(model, pretrained=save_weights(loaded.model, Path(temp) / "weights.pt"))
+            setup["pipeline_pretrained"] = "the engine's random weights, from a checkpoint file"
         for size in SIZES:
             folder = Path(temp) / f"images-{size}x"
             folder.mkdir()
             for i in range(size * count):
                 (folder / f"{i:06d}.jpg").write_bytes(jpegs[i % count % len(jpegs)])  # 1x set repeated
             job = LabelJob(inputs=InputConfig(uris=(str(folder),)), output=f"{temp}/labels-{size}x",
-                           text=TextConfig(classes=CLASSES), model=replace(cfg.model, device=str(loaded.device)),
+                           text=TextConfig(classes=CLASSES), model=model,
                            scoring=replace(cfg.scoring, method="lgca"), name="lgca-bench",
                            resources=ResourceConfig(cpus_per_actor=setup["cpus_per_actor"],
                                                     threads_per_actor=setup["threads_per_actor"],

@@ -26,13 +26,14 @@ def run(argv: list[str]) -> int:
     return args.handler(args)
 
 
-def tiny(checkpoint) -> list[str]:
-    return ["bench", "--model", "lgca-tiny", "--pretrained", str(checkpoint), "--device", "cpu",
+def tiny(pretrained) -> list[str]:
+    return ["bench", "--model", "lgca-tiny", "--pretrained", str(pretrained), "--device", "cpu",
             "--images", "4", "--crops", "8", "--steps", "2", "--expand-top", "2"]
 
 
-def test_bench_json_reports_engine_pipeline_and_memory(tiny_checkpoint, capsys):
-    assert run(tiny(tiny_checkpoint) + ["--json"]) == 0
+def test_bench_json_reports_engine_pipeline_and_memory(capsys):
+    with pytest.warns(UserWarning, match="random weights"):
+        assert run(tiny("none") + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
 
     assert (report["images"], report["batch_size"], report["model"]) == (4, 4, "lgca-tiny")
@@ -50,7 +51,8 @@ def test_bench_json_reports_engine_pipeline_and_memory(tiny_checkpoint, capsys):
         report["pipeline_images_per_s"] / report["engine_images_per_s"]["lgca"])
     assert report["pipeline_setup"] == {"ray_num_cpus": cpu_count(), "ray_num_gpus": 0,
                                         "cpus_per_actor": 1, "threads_per_actor": cpu_count(),
-                                        "gpus_per_actor": 0}
+                                        "gpus_per_actor": 0,  # --pretrained none: the engine's weights, from a file
+                                        "pipeline_pretrained": "the engine's random weights, from a checkpoint file"}
     for role in ("driver", "actor"):
         peaks = report["peak_rss_mb"][role]
         assert set(peaks) == {"1x", "4x"} and all(mb > 50 for mb in peaks.values()), role
