@@ -72,26 +72,32 @@ def detect_kind(uri: str) -> str:
     return "files"
 
 
-def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...], what: str) -> list[str]:
-    """Sorted full URIs of files under ``uri`` whose names end with ``extensions`` (any case).
+def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]:
+    """The files at ``path`` (a file, a folder or prefix searched recursively, or a glob) and
+    fsspec's listing record of each."""
+    if any(char in path for char in _GLOB_CHARS):
+        return {name: info for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"}
+    if fs.isfile(path):
+        return {path: fs.info(path)}
+    if fs.isdir(path):
+        return fs.find(path, detail=True)
+    raise SourceError(f"{uri}: no such file, folder or prefix")
 
-    ``uri`` is a single file, a folder or prefix (searched recursively), or a
-    glob (``*``, ``?``, ``[...]``, ``**``; matches files only).
+
+def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...],
+                   what: str) -> list[tuple[str, dict]]:
+    """Full URIs, sorted, and listing records of the files at ``uri`` whose names end with
+    ``extensions`` (any case). ``uri`` is a single file, a folder or prefix (searched
+    recursively), or a glob (``*``, ``?``, ``[...]``, ``**``; matches files only).
     """
     fs, path = filesystem(uri, storage)
     fs.invalidate_cache()  # listings must reflect the store now, not an earlier listing
     try:
-        if any(char in path for char in _GLOB_CHARS):
-            found = [name for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
-        elif fs.isfile(path):
-            found = [path]
-        elif fs.isdir(path):
-            found = fs.find(path)
-        else:
-            raise SourceError(f"{uri}: no such file, folder or prefix")
+        found = _find(fs, path, uri)
     finally:
         fs.invalidate_cache()  # s3fs keeps an info dict per listed object (~3 KB) for the process's life
-    matching = sorted(full_uri(fs, name) for name in found if name.lower().endswith(extensions))
+    matching = sorted(((full_uri(fs, name), info) for name, info in found.items()
+                       if name.lower().endswith(extensions)), key=lambda pair: pair[0])
     if not matching:
         raise SourceError(f"{uri}: no {what} found (looked for names ending in {', '.join(extensions)}, "
                           f"any case, among {len(found)} files)")
@@ -104,14 +110,30 @@ def list_image_files(uri: str, storage: StorageConfig) -> Iterator[str]:
     Listing happens on the call, so a missing location or an empty match
     raises :class:`SourceError` right away.
     """
-    return iter(_list_matching(uri, storage, IMAGE_EXTENSIONS, "image files"))
+    return iter([name for name, _ in _list_matching(uri, storage, IMAGE_EXTENSIONS, "image files")])
+
+
+def file_version(info: dict) -> str:
+    """What tells one version of a listed file from another: its size and its ETag where the
+    store gives one (S3, GCS), else its modification time."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "updated", "last_modified"):
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{info[key]}"
+    return f"{info.get('size')}:"
+
+
+def list_shard_versions(uri: str, kind: str, storage: StorageConfig) -> list[tuple[str, str]]:
+    """Tar (``kind='tar'``) or Parquet (``kind='parquet'``) files at ``uri``: sorted full URIs,
+    each with its :func:`file_version`."""
+    if kind not in SHARD_EXTENSIONS:
+        raise SourceError(f"kind: {kind!r} is not one of {', '.join(SHARD_EXTENSIONS)}")
+    return [(name, file_version(info))
+            for name, info in _list_matching(uri, storage, SHARD_EXTENSIONS[kind], f"{kind} shards")]
 
 
 def list_shards(uri: str, kind: str, storage: StorageConfig) -> list[str]:
     """Tar (``kind='tar'``) or Parquet (``kind='parquet'``) files at ``uri``, sorted full URIs."""
-    if kind not in SHARD_EXTENSIONS:
-        raise SourceError(f"kind: {kind!r} is not one of {', '.join(SHARD_EXTENSIONS)}")
-    return _list_matching(uri, storage, SHARD_EXTENSIONS[kind], f"{kind} shards")
+    return [name for name, _ in list_shard_versions(uri, kind, storage)]
 
 
 def _empty_columns() -> dict[str, list]:

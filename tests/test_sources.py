@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -21,6 +22,7 @@ from pipeline.sources import (
     iter_parquet_rows,
     iter_tar_members,
     list_image_files,
+    list_shard_versions,
     list_shards,
     read_files_batch,
 )
@@ -264,6 +266,12 @@ def test_tar_shards_from_s3_become_member_rows(moto_endpoint, bucket, shard_memb
     assert out["uri"] == [shards[0]] * 3 + [shards[1]]
     assert out["bytes"][3] == b"png bytes"
     assert out["error"] == [None] * 4
+    versions = dict(list_shard_versions(f"s3://{bucket}/shards", "tar", storage))
+    upload(moto_endpoint, bucket, {"shards/000001.tar": make_tar({"000009.png": b"PNG bytes"})})  # same size
+    again = dict(list_shard_versions(f"s3://{bucket}/shards", "tar", storage))
+    assert again[shards[0]] == versions[shards[0]]
+    size, _ = versions[shards[1]].split(":", 1)
+    assert again[shards[1]] != versions[shards[1]] and again[shards[1]].startswith(f"{size}:")  # the ETag
 
 
 def test_local_shard_listing(tmp_path):
@@ -277,6 +285,24 @@ def test_local_shard_listing(tmp_path):
         list_shards(str(tmp_path), "zip", LOCAL)
     with pytest.raises(SourceError, match="no parquet shards found"):
         list_shards(str(tmp_path / "sub"), "parquet", LOCAL)
+
+
+def test_a_shard_version_changes_with_its_size_or_time(tmp_path):
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"x" * 10)
+    os.utime(shard, ns=(10**18, 10**18))
+    first = list_shard_versions(str(tmp_path), "tar", LOCAL)
+    assert first == list_shard_versions(str(tmp_path / "*.tar"), "tar", LOCAL) == [(str(shard), first[0][1])]
+    assert first[0][1].startswith("10:")
+    shard.write_bytes(b"y" * 10)
+    os.utime(shard, ns=(10**18, 10**18))
+    assert list_shard_versions(str(shard), "tar", LOCAL) == first  # same size and time: taken as unchanged
+    os.utime(shard, ns=(10**18, 10**18 + 10**9))
+    touched = list_shard_versions(str(shard), "tar", LOCAL)
+    shard.write_bytes(b"y" * 11)
+    os.utime(shard, ns=(10**18, 10**18 + 10**9))
+    grown = list_shard_versions(str(shard), "tar", LOCAL)
+    assert len({first[0][1], touched[0][1], grown[0][1]}) == 3 and grown[0][1].startswith("11:")
 
 
 # ---------------------------------------------------------------- parquet
