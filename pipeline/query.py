@@ -270,8 +270,9 @@ def _describe_run(run: dict[str, Any]) -> str:
     counts = run.get("counts") or {}
     model = run.get("model") or {}
     scoring = ", ".join(f"{k}={v}" for k, v in (run.get("scoring") or {}).items())
+    shards = f"{counts['skipped_shards']} shards not read again, " if counts.get("skipped_shards") else ""
     return (f"  {run['run_id']}  {run.get('started_at')} .. {run.get('finished_at')}  "
-            f"{counts.get('ok', 0)} ok, {counts.get('error', 0)} error, {counts.get('skipped', 0)} skipped, "
+            f"{counts.get('ok', 0)} ok, {counts.get('error', 0)} error, {counts.get('skipped', 0)} skipped, {shards}"
             f"{run['rows']} rows in the output\n"
             f"    model {model.get('name')} ({model.get('pretrained')}); {scoring}")
 

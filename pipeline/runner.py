@@ -21,8 +21,9 @@ from . import plan
 from .config import ConfigError, LabelJob, to_dict
 from .models import check_weights, model_input_size
 from .prompts import ClassSet, load_class_set
-from .sink import DoneIds, OutputLayout, check_manifest, read_column, write_json
-from .sources import detect_kind, list_image_files, list_shards
+from .sink import (DoneIds, OutputLayout, check_manifest, completed_shards, read_column, record_shards, shard_key,
+                   write_json)
+from .sources import detect_kind, list_image_files, list_shard_versions
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ class RunSummary:
     output: str
     ok: int  # rows labelled in this run
     errors: int  # error rows written in this run
-    skipped: int  # input images already in the output, not labelled again
+    skipped: int  # input image files already in the output, not labelled again
     seconds: float
     error_reasons: dict[str, int]
+    skipped_shards: int = 0  # tar/Parquet shards an earlier run read whole, unchanged since: not read
 
     @property
     def images_per_second(self) -> float:
@@ -47,7 +49,8 @@ class RunSummary:
 
     def describe(self) -> str:
         reasons = "".join(f"\n  {count:>8}  {reason}" for reason, count in self.error_reasons.items())
-        return (f"run {self.run_id}: {self.ok} ok, {self.errors} error rows, {self.skipped} already labelled; "
+        shards = f", {self.skipped_shards} shards read whole before" if self.skipped_shards else ""
+        return (f"run {self.run_id}: {self.ok} ok, {self.errors} error rows, {self.skipped} already labelled{shards}; "
                 f"{self.images_per_second:.2f} images/s over {self.seconds:.1f} s\n"
                 f"output: {self.output}" + (f"\nerror reasons:{reasons}" if reasons else ""))
 
@@ -65,18 +68,34 @@ def fingerprint(job: LabelJob, classes: ClassSet) -> dict[str, Any]:
             "text": classes.digests()}
 
 
-def collect_work(job: LabelJob, done: DoneIds) -> tuple[plan.WorkList, int]:
-    """List the inputs on the driver; returns the work and the number of files skipped as done."""
-    files, tars, parquets = [], [], []
+@dataclass(frozen=True)
+class Listing:
+    """What the driver found at the inputs, against what the output holds."""
+
+    work: plan.WorkList
+    skipped_files: int  # loose image files already labelled
+    skipped_shards: int  # shards an earlier run read whole, with the same version now
+    shards: tuple[tuple[str, str], ...]  # (uri, version) of the shards in ``work``, recorded once it is done
+
+
+def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
+    """List the inputs on the driver, leaving out labelled files and shards read whole before."""
+    files, shards = [], {"tar": [], "parquet": []}
     for uri in job.inputs.uris:
         kind = job.inputs.format if job.inputs.format != "auto" else detect_kind(uri)
         if kind == "files":
             files.extend(list_image_files(uri, job.storage))
         else:
-            (tars if kind == "tar" else parquets).extend(list_shards(uri, kind, job.storage))
-    files = list(dict.fromkeys(files))
+            shards[kind].extend(list_shard_versions(uri, kind, job.storage))
+    files = list(dict.fromkeys(files))  # a file or shard named by two inputs is read once
+    shards = {kind: list(dict.fromkeys(found)) for kind, found in shards.items()}
     new = [f for f, seen in zip(files, done.contains(files)) if not seen]
-    return plan.WorkList(tuple(new), tuple(tars), tuple(parquets)), len(files) - len(new)
+    unread = {kind: [s for s, seen in zip(found, read_whole.contains([shard_key(*s) for s in found])) if not seen]
+              for kind, found in shards.items()}
+    work = plan.WorkList(tuple(new), tuple(u for u, _ in unread["tar"]), tuple(u for u, _ in unread["parquet"]))
+    return Listing(work, skipped_files=len(files) - len(new),
+                   skipped_shards=sum(len(found) - len(unread[kind]) for kind, found in shards.items()),
+                   shards=tuple(unread["tar"] + unread["parquet"]))
 
 
 def package_versions() -> dict[str, str]:
@@ -140,17 +159,19 @@ def run_label_job(job: LabelJob) -> RunSummary:
     layout = OutputLayout(job.output)
     check_manifest(layout, fingerprint(job, classes), job.storage, job.overwrite)
     done = DoneIds.load(layout, job.storage)
-    work, skipped = collect_work(job, done)
+    listing = collect_work(job, done, completed_shards(layout, job.storage))
     run_id = new_run_id()
-    if not work.empty:
+    if not listing.work.empty:
         start_ray(job)
-        dataset = plan.build(work, job, classes, done, run_id, image_size)
+        dataset = plan.build(listing.work, job, classes, done, run_id, image_size)
         plan.write(dataset, layout, job, run_id)
+        record_shards(layout, job.storage, run_id, listing.shards)  # every row of them is written now
     messages = read_column(layout, job.storage, "error", run_id)  # null on ok rows
     errors = messages.drop_null().to_pylist()  # only the error rows become Python strings
     reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
     summary = RunSummary(run_id=run_id, output=job.output, ok=len(messages) - len(errors), errors=len(errors),
-                         skipped=skipped, seconds=time.monotonic() - clock, error_reasons=reasons)
+                         skipped=listing.skipped_files, seconds=time.monotonic() - clock, error_reasons=reasons,
+                         skipped_shards=listing.skipped_shards)
     write_json(layout.run(run_id), run_metadata(job, classes, summary, started), job.storage)
     return summary
 
@@ -164,7 +185,8 @@ def run_metadata(job: LabelJob, classes: ClassSet, summary: RunSummary, started:
         "model": to_dict(job.model), "scoring": to_dict(job.scoring), "resources": to_dict(job.resources),
         "seed": job.scoring.seed, "classes": list(classes.names), "templates": list(classes.templates),
         "text_digests": classes.digests(), "versions": package_versions(),
-        "counts": {"ok": summary.ok, "error": summary.errors, "skipped": summary.skipped},
+        "counts": {"ok": summary.ok, "error": summary.errors, "skipped": summary.skipped,
+                   "skipped_shards": summary.skipped_shards},
         "error_reasons": summary.error_reasons, "seconds": summary.seconds,
         "images_per_second": summary.images_per_second,
     }

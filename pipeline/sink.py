@@ -5,6 +5,7 @@ Layout of an output folder (local or any fsspec URL)::
     OUTPUT/data/<run id>_<write uuid>_<task>-<i>.parquet   labels, one row per input image
     OUTPUT/_lgca/manifest.json                    what every row was scored with
     OUTPUT/_lgca/runs/<run id>.json               metadata of each run
+    OUTPUT/_lgca/shards/<run id>.parquet          the shards (uri, version) a finished run read whole
 
 docs/output-schema.md documents every column.
 """
@@ -142,6 +143,10 @@ class OutputLayout:
     def run(self, run_id: str) -> str:
         return self.path("_lgca", "runs", f"{run_id}.json")
 
+    @property
+    def shards(self) -> str:
+        return self.path("_lgca", "shards")
+
 
 READ_THREADS = 16  # output files read at once by iter_column
 
@@ -216,7 +221,8 @@ CONTAINS_CHUNK = 1 << 20  # ids digested at a time by DoneIds.contains
 
 @dataclass(frozen=True)
 class DoneIds:
-    """The ids already in the output, as a sorted array of digests (16 bytes an id)."""
+    """A set of ids (the images already in the output; or shard versions, see
+    :func:`completed_shards`) as a sorted array of digests (16 bytes an id)."""
 
     digests: np.ndarray
 
@@ -225,9 +231,13 @@ class DoneIds:
         """Digest the output's ids file by file and sort the digests in place: the driver holds
         about 16 bytes per labelled id (32 while the files' digests are joined), never all the
         ids themselves."""
-        parts = [id_digests(ids.to_pylist()) for ids in iter_column(layout, storage, "id")]
+        return cls.joined([id_digests(ids.to_pylist()) for ids in iter_column(layout, storage, "id")])
+
+    @classmethod
+    def joined(cls, parts: list[np.ndarray]) -> DoneIds:
+        """The set of the digests in ``parts`` (emptied as they are joined)."""
         digests = np.concatenate(parts) if parts else id_digests([])
-        del parts
+        parts.clear()
         digests.sort()
         first = np.ones(len(digests), dtype=bool)  # False on repeats of the previous digest
         first[1:] = digests[1:] != digests[:-1]
@@ -247,6 +257,41 @@ class DoneIds:
             pos = np.minimum(np.searchsorted(self.digests, query), len(self.digests) - 1)
             mask[start:start + len(query)] = self.digests[pos] == query
         return mask
+
+
+def shard_key(uri: str, version: str) -> str:
+    """One version of one shard, as :class:`DoneIds` holds it."""
+    return f"{uri}\n{version}"
+
+
+def record_shards(layout: OutputLayout, storage: StorageConfig, run_id: str,
+                  shards: Sequence[tuple[str, str]]) -> None:
+    """Record that every row of these shards (uri, :func:`~pipeline.sources.file_version`)
+    is in the output. Called once a run has written all its rows, so a run that stopped
+    early records nothing and its shards are read again (their labelled rows dropped)."""
+    if not shards:
+        return
+    fs, path = filesystem(layout.shards, storage)
+    fs.makedirs(path, exist_ok=True)
+    table = pa.table({"uri": [uri for uri, _ in shards], "version": [version for _, version in shards]})
+    with fs.open(f"{path}/{run_id}.parquet", "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def completed_shards(layout: OutputLayout, storage: StorageConfig) -> DoneIds:
+    """The shard versions earlier runs read whole (see :func:`record_shards`), as digests of
+    :func:`shard_key`: a shard listed again with the same version is not read again."""
+    fs, path = filesystem(layout.shards, storage)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return DoneIds.joined([])
+    parts = []
+    for name in sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet")):
+        with fs.open(name, "rb") as handle:
+            table = pq.read_table(handle)
+        parts.append(id_digests([shard_key(uri, version) for uri, version in
+                                 zip(table.column("uri").to_pylist(), table.column("version").to_pylist())]))
+    return DoneIds.joined(parts)
 
 
 def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:

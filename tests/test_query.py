@@ -77,10 +77,11 @@ def write_output(root: Path) -> Path:
     layout = OutputLayout(str(root))
     write_json(layout.manifest, {"model": "ViT-B-32", "pretrained": "openai", "scoring": SCORING}, storage)
     for run_id, ok, error, started in ((RUN_A, 10, 2, "2026-01-01T00:00:00"), (RUN_B, 5, 1, "2026-01-02T00:00:00")):
+        counts = {"ok": ok, "error": error, "skipped": 0} | ({"skipped_shards": 3} if run_id == RUN_B else {})
         write_json(layout.run(run_id), {
             "run_id": run_id, "name": "lgca-label", "started_at": started, "finished_at": started[:-2] + "09",
             "seconds": 9.0, "images_per_second": (ok + error) / 9.0, "inputs": ["/photos"],
-            "counts": {"ok": ok, "error": error, "skipped": 0}, "error_reasons": {},
+            "counts": counts, "error_reasons": {},
             "model": {"name": "ViT-B-32", "pretrained": "openai"}, "scoring": SCORING, "versions": {}}, storage)
     return root
 
@@ -246,7 +247,9 @@ def test_summary_text(output, capsys):
     assert "         2  decode" in text and "method: lgca" in text
     low = summary.low_confidence
     assert f"{low.count} of 15 ({100 * low.count / 15:.1f}%) ok rows" in text
-    assert f"  {RUN_B}  2026-01-02T00:00:00 .. 2026-01-02T00:00:09  5 ok, 1 error, 0 skipped, 6 rows" in text
+    assert f"  {RUN_A}  2026-01-01T00:00:00 .. 2026-01-01T00:00:09  10 ok, 2 error, 0 skipped, 12 rows" in text
+    assert (f"  {RUN_B}  2026-01-02T00:00:00 .. 2026-01-02T00:00:09  5 ok, 1 error, 0 skipped, "
+            "3 shards not read again, 6 rows") in text
 
 
 def test_summary_skips_own_method_and_handles_missing_columns(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -153,7 +154,7 @@ def test_run_metadata_records_the_run(ray_cluster, folder, tmp_path, tiny_checkp
     job = make_job([folder], tmp_path / "out", tiny_checkpoint)
     summary = run_label_job(job)
     meta = json.loads((tmp_path / "out" / "_lgca" / "runs" / f"{summary.run_id}.json").read_text())
-    assert meta["counts"] == {"ok": summary.ok, "error": summary.errors, "skipped": 0}
+    assert meta["counts"] == {"ok": summary.ok, "error": summary.errors, "skipped": 0, "skipped_shards": 0}
     assert meta["scoring"]["crops"] == 10 and meta["seed"] == 5
     assert meta["model"]["pretrained"] == str(tiny_checkpoint)
     assert meta["classes"] == CLASSES.split(",")
@@ -236,9 +237,66 @@ def test_tar_shards_and_parquet_inputs(ray_cluster, tmp_path, tiny_checkpoint):
     assert [rows[i]["status"] for i in ("p1", "p2", "p3")] == ["ok", "ok", "error"]
     assert rows[f"{tar0}#000002.png"]["status"] == "ok"
     assert (summary.ok, summary.errors) == (4, 2)
-    again = run_label_job(job)  # shard inputs are filtered after reading: still nothing new
-    assert (again.ok, again.errors) == (0, 0)
+    again = run_label_job(job)  # every shard was read whole by the first run: none is read again
+    assert (again.ok, again.errors, again.skipped_shards) == (0, 0, 3)
     assert read_output(job.output).num_rows == 6
+
+
+def same_size_garbage(path) -> None:
+    """Overwrite ``path`` with as many bytes of garbage, keeping its modification time."""
+    stat = path.stat()
+    path.write_bytes((b"not a tar " * (stat.st_size // 10 + 1))[:stat.st_size])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_shards_read_whole_are_read_again_only_when_changed(ray_cluster, tmp_path, tiny_checkpoint):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(make_tar({"1.jpg": encode(photos.astronaut()), "2.jpg": encode(photos.coffee())}))
+    (shards / "b.tar").write_bytes(make_tar({"3.jpg": encode(photos.rocket())}))
+    job = make_job([shards / "*.tar", shards / "a.tar"], tmp_path / "out", tiny_checkpoint)
+    first = run_label_job(job)
+    assert (first.ok, first.errors, first.skipped_shards) == (3, 0, 0)  # a.tar, named twice, read once
+
+    same_size_garbage(shards / "a.tar")  # same listing (size, time): a run that read it would fail or add errors
+    (shards / "c.tar").write_bytes(make_tar({"4.jpg": encode(photos.chelsea())}))
+    second = run_label_job(job)
+    assert (second.ok, second.errors, second.skipped_shards) == (1, 0, 2)  # only c.tar was read
+
+    (shards / "b.tar").write_bytes(make_tar({"3.jpg": encode(photos.rocket()), "5.jpg": encode(photos.camera())}))
+    third = run_label_job(job)  # b.tar changed: read again, its labelled member dropped
+    assert (third.ok, third.errors, third.skipped_shards) == (1, 0, 2)
+    rows = read_output(job.output)
+    assert sorted(rows.column("id").to_pylist()) == sorted(
+        f"{shards / name}#{member}" for name, member in
+        (("a.tar", "1.jpg"), ("a.tar", "2.jpg"), ("b.tar", "3.jpg"), ("c.tar", "4.jpg"), ("b.tar", "5.jpg")))
+    assert set(rows.column("status").to_pylist()) == {"ok"}
+    meta = json.loads((tmp_path / "out" / "_lgca" / "runs" / f"{third.run_id}.json").read_text())
+    assert meta["counts"] == {"ok": 1, "error": 0, "skipped": 0, "skipped_shards": 2}
+
+
+def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, monkeypatch):
+    from pipeline import plan
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(make_tar({"1.jpg": encode(photos.astronaut()), "2.jpg": encode(photos.coffee())}))
+    job = make_job([shards / "a.tar"], tmp_path / "out", tiny_checkpoint)
+    write = plan.write
+
+    def write_then_fail(*args, **kwargs):
+        write(*args, **kwargs)
+        raise RuntimeError("stopped after writing")
+
+    monkeypatch.setattr(plan, "write", write_then_fail)
+    with pytest.raises(RuntimeError, match="stopped after writing"):
+        run_label_job(job)
+    assert read_output(job.output).num_rows == 2 and not (tmp_path / "out" / "_lgca" / "shards").exists()
+    monkeypatch.setattr(plan, "write", write)
+    again = run_label_job(job)  # the shard is read again; its rows are in the output already
+    assert (again.ok, again.errors, again.skipped_shards) == (0, 0, 0)
+    assert run_label_job(job).skipped_shards == 1  # and recorded by the run that finished
+    assert read_output(job.output).num_rows == 2
 
 
 def test_s3_inputs_and_outputs(ray_cluster, moto_endpoint, bucket, tiny_checkpoint):

@@ -13,8 +13,8 @@ from pipeline.config import ConfigError, StorageConfig
 from pipeline.engine import BatchScores
 from pipeline.sources import SourceError
 from pipeline import sink
-from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, error_table, id_digests, iter_column,
-                           read_column, scored_table)
+from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, completed_shards, error_table, id_digests,
+                           iter_column, read_column, record_shards, scored_table, shard_key)
 
 NAMES = ["cat", "dog", "owl"]
 LOCAL = StorageConfig()
@@ -152,3 +152,22 @@ def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
     check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
     assert not (tmp_path / "data").exists()
     assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["scoring"] == {"crops": 30}
+
+
+def test_shards_read_whole_are_recorded_per_run_and_forgotten_on_overwrite(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    assert len(completed_shards(layout, LOCAL)) == 0  # nothing recorded yet
+    record_shards(layout, LOCAL, "r1", [])
+    assert not (tmp_path / "_lgca" / "shards").exists()  # a run without shards writes nothing
+    record_shards(layout, LOCAL, "r1", [("s3://b/a.tar", "10:e1"), ("s3://b/b.tar", "20:e2")])
+    record_shards(layout, LOCAL, "r2", [("s3://b/c.tar", "30:e3"), ("s3://b/a.tar", "10:e1")])
+    assert sorted(p.name for p in (tmp_path / "_lgca" / "shards").iterdir()) == ["r1.parquet", "r2.parquet"]
+    table = pq.read_table(tmp_path / "_lgca" / "shards" / "r1.parquet")
+    assert table.to_pylist() == [{"uri": "s3://b/a.tar", "version": "10:e1"}, {"uri": "s3://b/b.tar", "version": "20:e2"}]
+    done = completed_shards(layout, LOCAL)
+    assert len(done) == 3  # a.tar recorded twice, counted once
+    keys = [shard_key("s3://b/a.tar", "10:e1"), shard_key("s3://b/a.tar", "11:e9"), shard_key("s3://b/c.tar", "30:e3"),
+            shard_key("s3://b/d.tar", "10:e1")]
+    assert done.contains(keys).tolist() == [True, False, True, False]  # a new version is a new shard
+    check_manifest(layout, {"model": "a"}, LOCAL, overwrite=True)
+    assert len(completed_shards(layout, LOCAL)) == 0

@@ -262,7 +262,7 @@ def test_slots_label_only_new_images_and_run_once(tmp_path, job_server, lgca, cl
         assert row["label"] == row["topk_labels"][0]
         assert sorted(row["topk_labels"]) == sorted(CLASSES.split(","))
     (run1,) = {r["run_id"] for r in rows}
-    assert run_record(output, run1)["counts"] == {"ok": 4, "error": 0, "skipped": 0}
+    assert run_record(output, run1)["counts"] == {"ok": 4, "error": 0, "skipped": 0, "skipped_shards": 0}
 
     second = save_photos(images, ["camera", "hubble_deep_field"])
     assert lgca(["submit", str(spec), "--address", job_server.url, "--slot", "day2", "--wait"]) == 0
@@ -271,7 +271,7 @@ def test_slots_label_only_new_images_and_run_once(tmp_path, job_server, lgca, cl
     assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
     new = [r for r in rows if r["run_id"] != run1]
     assert sorted(r["uri"] for r in new) == sorted(second)
-    assert run_record(output, new[0]["run_id"])["counts"] == {"ok": 2, "error": 0, "skipped": 4}
+    assert run_record(output, new[0]["run_id"])["counts"] == {"ok": 2, "error": 0, "skipped": 4, "skipped_shards": 0}
 
     data_files = sorted((output / "data").iterdir())
     assert lgca(["submit", str(spec), "--address", job_server.url, "--slot", "day2"]) == 0
