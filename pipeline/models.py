@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,6 +47,8 @@ _HASH_CHUNK = 1 << 20
 INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
                   "sparse_")
+# open_clip loads these (big_vision) checkpoints tensor by tensor, not with a strict load_state_dict
+NOT_STRICT_SUFFIXES = (".npz", ".npy")
 # What open_clip logs when create_model got no weights, wrong where a checkpoint file is loaded after it
 OPEN_CLIP_NO_WEIGHTS = "No pretrained weights loaded"
 
@@ -95,6 +98,12 @@ class _Weights:
     @property
     def random(self) -> bool:
         return self.tag is None and self.checkpoint is None
+
+    @property
+    def strict(self) -> bool:
+        """Whether the load replaces every parameter and persistent buffer or fails."""
+        return self.tag is not None or (
+            self.checkpoint is not None and not self.checkpoint.name.lower().endswith(NOT_STRICT_SUFFIXES))
 
 
 def _square_side(size: Any, where: str) -> int:
@@ -292,6 +301,9 @@ def _load_checkpoint_file(model: torch.nn.Module, path: Path, name: str) -> None
         raise ConfigError(f"pretrained: checkpoint {path} does not fit model {name!r}: {err}") from err
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def _leave(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return tensor
 
@@ -307,14 +319,15 @@ def weights_left_uninitialised() -> Iterator[None]:
     left as uninitialised memory. Non-persistent buffers (open_clip's attention mask) are
     computed, not initialised, and are unaffected.
     """
-    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
-    try:
-        for name in saved:
-            setattr(torch.nn.init, name, _leave)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
+    with _INIT_LOCK:  # one patch at a time, so that each restores the real functions
+        saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+        try:
+            for name in saved:
+                setattr(torch.nn.init, name, _leave)
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(torch.nn.init, name, function)
 
 
 class _DropPrefix(logging.Filter):
@@ -358,7 +371,7 @@ def load_model(cfg: ModelConfig, storage_options: dict | None = None) -> LoadedM
         warnings.warn(f"pretrained='none': model {name!r} has random weights, so its labels and "
                       "scores are meaningless", UserWarning, stacklevel=2)
     with contextlib.ExitStack() as stack:
-        if not weights.random:  # a tag is loaded by open_clip, a file below: both strictly
+        if weights.strict:  # a tag is loaded by open_clip, a file below: both strictly
             stack.enter_context(weights_left_uninitialised())
         if weights.checkpoint is not None:
             stack.enter_context(_root_messages_dropped(OPEN_CLIP_NO_WEIGHTS))

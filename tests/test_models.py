@@ -140,7 +140,7 @@ def test_checkpoint_load_skips_random_init(tmp_path, checkpoint, init_calls, cap
     assert init_calls["normal_"] > 0 and init_calls["kaiming_uniform_"] > 0  # random weights are drawn
     before, caplog.records[:] = dict(init_calls), []
     loaded = load_model(tiny_config(tmp_path, pretrained=str(checkpoint.path)))
-    assert init_calls == before  # nothing drawn only to be overwritten
+    assert init_calls == before  # no nn.init initialiser ran only to be overwritten
     assert_same_weights(loaded.model, checkpoint.state_dict)
     assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]  # open_clip's, wrong here
     torch.nn.init.normal_(torch.empty(3))  # the initialisers are back
@@ -156,6 +156,15 @@ def test_checkpoint_lacking_a_tensor_is_refused(tmp_path, checkpoint, init_calls
         load_model(tiny_config(tmp_path, pretrained=str(path)))  # never a model with an uninitialised weight
     torch.nn.init.normal_(torch.empty(3))  # restored after the failure too
     assert init_calls["normal_"] == 1
+
+
+def test_only_strict_loads_skip_random_init():
+    from pipeline.models import _Weights
+
+    assert _Weights(tag="openai", checkpoint=None).strict
+    assert _Weights(tag=None, checkpoint=Path("model.pt")).strict
+    assert not _Weights(tag=None, checkpoint=Path("siglip.NPZ")).strict  # big_vision files: tensor by tensor
+    assert not _Weights(tag=None, checkpoint=None).strict  # random weights are the weights
 
 
 def test_wrapped_state_dict_in_bf16(tmp_path, checkpoint):
