@@ -80,7 +80,9 @@ def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]
     if fs.isfile(path):
         return {path: fs.info(path)}
     if fs.isdir(path):
-        return fs.find(path, detail=True)
+        found = fs.find(path, detail=True)
+        # a local symlink is listed with the link's own time; its target's tells a rewrite
+        return {name: fs.info(name) if info.get("islink") else info for name, info in found.items()}
     raise SourceError(f"{uri}: no such file, folder or prefix")
 
 
@@ -113,16 +115,22 @@ def list_image_files(uri: str, storage: StorageConfig) -> Iterator[str]:
     return iter([name for name, _ in _list_matching(uri, storage, IMAGE_EXTENSIONS, "image files")])
 
 
-def file_version(info: dict) -> str:
+VERSION_KEYS = ("ETag", "etag", "mtime", "LastModified", "Last-Modified", "updated", "last_modified")
+
+
+def file_version(info: dict) -> str | None:
     """What tells one version of a listed file from another: its size and its ETag where the
-    store gives one (S3, GCS), else its modification time."""
-    for key in ("ETag", "etag", "mtime", "LastModified", "updated", "last_modified"):
-        if info.get(key) is not None:
-            return f"{info.get('size')}:{info[key]}"
-    return f"{info.get('size')}:"
+    store gives one (S3, GCS), else its modification time; None where the listing has neither
+    a size nor one of these (such a file is never taken as unchanged)."""
+    if info.get("size") is None:
+        return None
+    for key in VERSION_KEYS:
+        if info.get(key) not in (None, ""):
+            return f"{info['size']}:{info[key]}"
+    return None
 
 
-def list_shard_versions(uri: str, kind: str, storage: StorageConfig) -> list[tuple[str, str]]:
+def list_shard_versions(uri: str, kind: str, storage: StorageConfig) -> list[tuple[str, str | None]]:
     """Tar (``kind='tar'``) or Parquet (``kind='parquet'``) files at ``uri``: sorted full URIs,
     each with its :func:`file_version`."""
     if kind not in SHARD_EXTENSIONS:

@@ -22,6 +22,7 @@ from pipeline.sources import (
     iter_parquet_rows,
     iter_tar_members,
     list_image_files,
+    file_version,
     list_shard_versions,
     list_shards,
     read_files_batch,
@@ -379,3 +380,24 @@ def test_parquet_on_s3(moto_endpoint, bucket, images):
     assert out["id"] == ["x", "y"]
     assert out["bytes"] == [images["cat"], images["rocket"]]
     assert out["uri"] == [f"s3://{bucket}/table/part-0.parquet"] * 2
+
+
+def test_file_version_needs_a_size_and_a_stamp():
+    assert file_version({"size": 5, "ETag": '"abc"', "LastModified": "t"}) == '5:"abc"'
+    assert file_version({"size": 5, "ETag": "", "LastModified": "t"}) == "5:t"  # an empty ETag says nothing
+    assert file_version({"size": 5, "Last-Modified": "Tue, 01 Dec"}) == "5:Tue, 01 Dec"  # HTTP
+    assert file_version({"size": 5, "name": "x"}) is None  # no stamp: never taken as unchanged
+    assert file_version({"size": None, "ETag": "e"}) is None
+
+
+def test_a_symlinked_shard_has_its_targets_version(tmp_path):
+    target, folder = tmp_path / "real.tar", tmp_path / "shards"
+    target.write_bytes(b"x" * 10)
+    folder.mkdir()
+    (folder / "a.tar").symlink_to(target)
+    before = list_shard_versions(str(folder), "tar", LOCAL)
+    target.write_bytes(b"y" * 10)
+    os.utime(target, ns=(10**18, 10**18))
+    after = list_shard_versions(str(folder), "tar", LOCAL)
+    assert [uri for uri, _ in after] == [str(folder / "a.tar")]
+    assert after != before and after == list_shard_versions(str(folder / "a.tar"), "tar", LOCAL)
