@@ -16,12 +16,13 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+import pyarrow.compute as pc
 
 from . import plan
 from .config import ConfigError, LabelJob, to_dict
 from .models import check_weights, model_input_size
 from .prompts import ClassSet, load_class_set
-from .sink import (DoneIds, OutputLayout, check_manifest, completed_shards, read_column, record_shards, shard_key,
+from .sink import (DoneIds, OutputLayout, check_manifest, completed_shards, iter_tables, record_shards, shard_key,
                    write_json)
 from .sources import detect_kind, list_image_files, list_shard_versions
 
@@ -75,7 +76,15 @@ class Listing:
     work: plan.WorkList
     skipped_files: int  # loose image files already labelled
     skipped_shards: int  # shards an earlier run read whole, with the same version now
-    shards: tuple[tuple[str, str], ...]  # (uri, version) of the shards in ``work``, recorded once it is done
+    shards: tuple[tuple[str, str | None], ...]  # (uri, version) of the shards in ``work``, recorded once done
+
+
+def _first_per_uri(shards: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """Each shard once, with the version of its first listing, in listing order."""
+    first: dict[str, str | None] = {}
+    for uri, version in shards:
+        first.setdefault(uri, version)
+    return list(first.items())
 
 
 def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
@@ -88,7 +97,7 @@ def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
         else:
             shards[kind].extend(list_shard_versions(uri, kind, job.storage))
     files = list(dict.fromkeys(files))  # a file or shard named by two inputs is read once
-    shards = {kind: list(dict.fromkeys(found)) for kind, found in shards.items()}
+    shards = {kind: _first_per_uri(found) for kind, found in shards.items()}
     new = [f for f, seen in zip(files, done.contains(files)) if not seen]
     unread = {kind: [s for s, seen in zip(found, read_whole.contains([shard_key(*s) for s in found])) if not seen]
               for kind, found in shards.items()}
@@ -96,6 +105,27 @@ def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
     return Listing(work, skipped_files=len(files) - len(new),
                    skipped_shards=sum(len(found) - len(unread[kind]) for kind, found in shards.items()),
                    shards=tuple(unread["tar"] + unread["parquet"]))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run wrote, from its own data files."""
+
+    rows: int
+    errors: list[str]  # the error rows' messages
+    broken_shards: set[str]  # shards whose reading stopped part-way (a '<shard uri>#' error row)
+
+
+def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str) -> Outcome:
+    """Count this run's rows and read its error rows (only those become Python objects)."""
+    rows, errors, broken = 0, [], set()
+    for table in iter_tables(layout, job.storage, ["id", "uri", "error"], run_id):
+        rows += table.num_rows
+        failed = table.filter(pc.is_valid(table.column("error")))
+        errors += failed.column("error").to_pylist()
+        broken.update(uri for image_id, uri in zip(failed.column("id").to_pylist(), failed.column("uri").to_pylist())
+                      if image_id == f"{uri}#")
+    return Outcome(rows, errors, broken)
 
 
 def package_versions() -> dict[str, str]:
@@ -159,17 +189,20 @@ def run_label_job(job: LabelJob) -> RunSummary:
     layout = OutputLayout(job.output)
     check_manifest(layout, fingerprint(job, classes), job.storage, job.overwrite)
     done = DoneIds.load(layout, job.storage)
-    listing = collect_work(job, done, completed_shards(layout, job.storage))
+    # records without any data are stale (data deleted by hand): trusting them would skip every shard
+    read_whole = completed_shards(layout, job.storage) if len(done) else DoneIds.joined([])
+    listing = collect_work(job, done, read_whole)
     run_id = new_run_id()
     if not listing.work.empty:
         start_ray(job)
         dataset = plan.build(listing.work, job, classes, done, run_id, image_size)
         plan.write(dataset, layout, job, run_id)
-        record_shards(layout, job.storage, run_id, listing.shards)  # every row of them is written now
-    messages = read_column(layout, job.storage, "error", run_id)  # null on ok rows
-    errors = messages.drop_null().to_pylist()  # only the error rows become Python strings
+    outcome = run_outcome(layout, job, run_id)
+    # every row is written now; a shard whose reading stopped part-way must be read again
+    record_shards(layout, job.storage, run_id, [s for s in listing.shards if s[0] not in outcome.broken_shards])
+    errors = outcome.errors
     reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
-    summary = RunSummary(run_id=run_id, output=job.output, ok=len(messages) - len(errors), errors=len(errors),
+    summary = RunSummary(run_id=run_id, output=job.output, ok=outcome.rows - len(errors), errors=len(errors),
                          skipped=listing.skipped_files, seconds=time.monotonic() - clock, error_reasons=reasons,
                          skipped_shards=listing.skipped_shards)
     write_json(layout.run(run_id), run_metadata(job, classes, summary, started), job.storage)

@@ -148,7 +148,7 @@ class OutputLayout:
         return self.path("_lgca", "shards")
 
 
-READ_THREADS = 16  # output files read at once by iter_column
+READ_THREADS = 16  # output files read at once by iter_tables
 
 
 def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
@@ -161,15 +161,15 @@ def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -
     return [p for p in names if not run_id or p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
 
 
-def _read_one_column(fs: Any, path: str, column: str) -> pa.ChunkedArray:
-    """``column`` of one data file."""
+def _read_columns(fs: Any, path: str, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of one data file."""
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=[column]).column(column)
+        return pq.read_table(handle, columns=list(columns))
 
 
-def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "",
-                threads: int = READ_THREADS) -> Iterator[pa.ChunkedArray]:
-    """One column of each complete data file, in file order. ``threads`` files are read at once
+def iter_tables(layout: OutputLayout, storage: StorageConfig, columns: Sequence[str], run_id: str = "",
+                threads: int = READ_THREADS) -> Iterator[pa.Table]:
+    """``columns`` of each complete data file, in file order. ``threads`` files are read at once
     (on object storage each read is a few requests; an output of a billion images has
     hundreds of thousands of files) and at most twice as many are held ahead of the caller.
     Unreadable files (partial writes of a killed run) are deleted so their images are
@@ -179,7 +179,7 @@ def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_i
     try:
         ahead: deque[tuple[str, Future]] = deque()
         for path in data_files(layout, storage, run_id):
-            ahead.append((path, pool.submit(_read_one_column, fs, path, column)))
+            ahead.append((path, pool.submit(_read_columns, fs, path, columns)))
             if len(ahead) >= 2 * threads:
                 yield from _read_or_remove(fs, *ahead.popleft())
         while ahead:
@@ -188,15 +188,22 @@ def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_i
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _read_or_remove(fs: Any, path: str, read: Future) -> Iterator[pa.ChunkedArray]:
-    """The column :func:`iter_column` read from ``path``. A file that is not (yet) Parquet is a
+def iter_column(layout: OutputLayout, storage: StorageConfig, column: str,
+                run_id: str = "") -> Iterator[pa.ChunkedArray]:
+    """One column of each complete data file, in file order (see :func:`iter_tables`)."""
+    return (table.column(column) for table in iter_tables(layout, storage, [column], run_id))
+
+
+def _read_or_remove(fs: Any, path: str, read: Future,
+                    then: str = "its images will be labelled again") -> Iterator[pa.Table]:
+    """The columns :func:`iter_tables` read from ``path``. A file that is not (yet) Parquet is a
     partial write of a killed run (a cut file has no closing magic bytes): it is deleted and
     nothing is yielded. Any other error (the network, permissions) says nothing about the
     file: it is kept and a SourceError names it."""
     try:
         values = read.result()
     except pa.ArrowInvalid as exc:
-        log.warning("removing incomplete output file %s (%s); its images will be labelled again", path, exc)
+        log.warning("removing incomplete output file %s (%s); %s", path, exc, then)
         fs.rm(path)
         return
     except OSError as exc:
@@ -259,16 +266,18 @@ class DoneIds:
         return mask
 
 
-def shard_key(uri: str, version: str) -> str:
+def shard_key(uri: str, version: str | None) -> str:
     """One version of one shard, as :class:`DoneIds` holds it."""
     return f"{uri}\n{version}"
 
 
 def record_shards(layout: OutputLayout, storage: StorageConfig, run_id: str,
-                  shards: Sequence[tuple[str, str]]) -> None:
+                  shards: Sequence[tuple[str, str | None]]) -> None:
     """Record that every row of these shards (uri, :func:`~pipeline.sources.file_version`)
     is in the output. Called once a run has written all its rows, so a run that stopped
-    early records nothing and its shards are read again (their labelled rows dropped)."""
+    early records nothing and its shards are read again (their labelled rows dropped).
+    Shards without a version are not recorded: nothing would tell a change."""
+    shards = [(uri, version) for uri, version in shards if version is not None]
     if not shards:
         return
     fs, path = filesystem(layout.shards, storage)
@@ -280,17 +289,19 @@ def record_shards(layout: OutputLayout, storage: StorageConfig, run_id: str,
 
 def completed_shards(layout: OutputLayout, storage: StorageConfig) -> DoneIds:
     """The shard versions earlier runs read whole (see :func:`record_shards`), as digests of
-    :func:`shard_key`: a shard listed again with the same version is not read again."""
+    :func:`shard_key`: a shard listed again with the same version is not read again. The
+    records (one file per run) are read READ_THREADS at a time; a cut one (a run killed while
+    writing it) is removed, which costs only a second reading of its shards."""
     fs, path = filesystem(layout.shards, storage)
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return DoneIds.joined([])
-    parts = []
-    for name in sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet")):
-        with fs.open(name, "rb") as handle:
-            table = pq.read_table(handle)
-        parts.append(id_digests([shard_key(uri, version) for uri, version in
-                                 zip(table.column("uri").to_pylist(), table.column("version").to_pylist())]))
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lgca-shards-read") as pool:
+        reads = [(name, pool.submit(_read_columns, fs, name, ["uri", "version"])) for name in names]
+        parts = [id_digests([shard_key(uri, version) for uri, version in
+                             zip(table.column("uri").to_pylist(), table.column("version").to_pylist())])
+                 for name, read in reads for table in _read_or_remove(fs, name, read, "its shards will be read again")]
     return DoneIds.joined(parts)
 
 

@@ -275,6 +275,29 @@ def test_shards_read_whole_are_read_again_only_when_changed(ray_cluster, tmp_pat
     assert meta["counts"] == {"ok": 1, "error": 0, "skipped": 0, "skipped_shards": 2}
 
 
+def test_a_shard_cut_short_is_read_again_and_records_without_data_are_ignored(ray_cluster, tmp_path,
+                                                                             tiny_checkpoint):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    whole = make_tar({"1.jpg": encode(photos.astronaut()), "2.jpg": encode(photos.coffee())})
+    (shards / "a.tar").write_bytes(whole[:len(whole) - len(encode(photos.coffee())) // 2 - 1024])  # cut in 2.jpg
+    (shards / "b.tar").write_bytes(make_tar({"3.jpg": encode(photos.rocket())}))
+    job = make_job([shards / "*.tar"], tmp_path / "out", tiny_checkpoint)
+    first = run_label_job(job)
+    assert (first.ok, first.errors) == (2, 1)  # 1.jpg, 3.jpg, and the '<a.tar>#' row of the cut shard
+    assert [uri for uri in pq.read_table(tmp_path / "out" / "_lgca" / "shards").column("uri").to_pylist()] == [
+        str(shards / "b.tar")]  # a.tar is not taken as read whole
+    (shards / "a.tar").write_bytes(whole)  # the shard arrives complete
+    second = run_label_job(job)
+    assert (second.ok, second.errors, second.skipped_shards) == (1, 0, 1)  # 2.jpg labelled now
+    assert run_label_job(job).skipped_shards == 2
+
+    for path in (tmp_path / "out" / "data").iterdir():  # data deleted by hand, records left behind
+        path.unlink()
+    again = run_label_job(job)
+    assert (again.ok, again.errors, again.skipped_shards) == (3, 0, 0)  # stale records are not trusted
+
+
 def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, monkeypatch):
     from pipeline import plan
 

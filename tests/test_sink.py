@@ -106,13 +106,13 @@ def test_output_files_are_read_several_at_once_and_yielded_in_order(tmp_path, mo
     for i in range(4):
         write_rows(tmp_path, f"r1_a_{i:06d}-0.parquet", [f"s3://b/{i}.jpg"])
     together = threading.Barrier(4, timeout=30)  # a sequential reader would break it
-    real = sink._read_one_column
+    real = sink._read_columns
 
-    def read(fs, path, column):
+    def read(fs, path, columns):
         together.wait()
-        return real(fs, path, column)
+        return real(fs, path, columns)
 
-    monkeypatch.setattr(sink, "_read_one_column", read)
+    monkeypatch.setattr(sink, "_read_columns", read)
     values = [v for chunk in iter_column(OutputLayout(str(tmp_path)), LOCAL, "id") for v in chunk.to_pylist()]
     assert values == [f"s3://b/{i}.jpg" for i in range(4)]
 
@@ -171,3 +171,14 @@ def test_shards_read_whole_are_recorded_per_run_and_forgotten_on_overwrite(tmp_p
     assert done.contains(keys).tolist() == [True, False, True, False]  # a new version is a new shard
     check_manifest(layout, {"model": "a"}, LOCAL, overwrite=True)
     assert len(completed_shards(layout, LOCAL)) == 0
+
+
+def test_a_cut_shard_record_is_removed_and_unversioned_shards_are_not_recorded(tmp_path, caplog):
+    layout = OutputLayout(str(tmp_path))
+    record_shards(layout, LOCAL, "r1", [("s3://b/a.tar", "10:e1"), ("s3://b/x.tar", None)])
+    assert pq.read_table(tmp_path / "_lgca" / "shards" / "r1.parquet").column("uri").to_pylist() == ["s3://b/a.tar"]
+    (tmp_path / "_lgca" / "shards" / "r2.parquet").write_bytes(b"PAR1 cut")  # a run killed while recording
+    done = completed_shards(layout, LOCAL)
+    assert done.contains([shard_key("s3://b/a.tar", "10:e1")]).tolist() == [True] and len(done) == 1
+    assert not (tmp_path / "_lgca" / "shards" / "r2.parquet").exists()
+    assert "its shards will be read again" in caplog.text
