@@ -16,14 +16,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-import pyarrow.compute as pc
-
 from . import plan
 from .config import ConfigError, LabelJob, to_dict
 from .models import check_weights, model_input_size
 from .prompts import ClassSet, load_class_set
-from .sink import (DoneIds, OutputLayout, check_manifest, completed_shards, iter_tables, record_shards, shard_key,
-                   write_json)
+from .sink import (DoneIds, OutputLayout, check_manifest, completed_shards, error_rows, iter_files, record_shards,
+                   shard_key, write_json)
 from .sources import detect_kind, list_image_files, list_shard_versions
 
 log = logging.getLogger(__name__)
@@ -117,11 +115,10 @@ class Outcome:
 
 
 def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str) -> Outcome:
-    """Count this run's rows and read its error rows (only those become Python objects)."""
+    """Count this run's rows and read its error rows (only those are read and become Python objects)."""
     rows, errors, broken = 0, [], set()
-    for table in iter_tables(layout, job.storage, ["id", "uri", "error"], run_id):
-        rows += table.num_rows
-        failed = table.filter(pc.is_valid(table.column("error")))
+    for count, failed in iter_files(layout, job.storage, error_rows, run_id):
+        rows += count
         errors += failed.column("error").to_pylist()
         broken.update(uri for image_id, uri in zip(failed.column("id").to_pylist(), failed.column("uri").to_pylist())
                       if image_id == f"{uri}#")

@@ -11,16 +11,18 @@ docs/output-schema.md documents every column.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import ConfigError, StorageConfig
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # read/decode workers import this module: they need no torch
     from .engine import BatchScores
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STEP_TYPE = pa.struct([
     ("step", pa.int32()),
@@ -148,7 +151,7 @@ class OutputLayout:
         return self.path("_lgca", "shards")
 
 
-READ_THREADS = 16  # output files read at once by iter_tables
+READ_THREADS = 16  # output files read at once by iter_files
 
 
 def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
@@ -167,10 +170,19 @@ def _read_columns(fs: Any, path: str, columns: Sequence[str]) -> pa.Table:
         return pq.read_table(handle, columns=list(columns))
 
 
-def iter_tables(layout: OutputLayout, storage: StorageConfig, columns: Sequence[str], run_id: str = "",
-                threads: int = READ_THREADS) -> Iterator[pa.Table]:
-    """``columns`` of each complete data file, in file order. ``threads`` files are read at once
-    (on object storage each read is a few requests; an output of a billion images has
+def error_rows(fs: Any, path: str) -> tuple[int, pa.Table]:
+    """One data file's row count (from its footer) and its error rows' ``id``, ``uri`` and
+    ``error``. Row groups without an error are skipped by their statistics, not read."""
+    with fs.open(path, "rb") as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
+        errors = pq.read_table(handle, columns=["id", "uri", "error"], filters=pc.field("error").is_valid())
+    return rows, errors
+
+
+def iter_files(layout: OutputLayout, storage: StorageConfig, read: Callable[[Any, str], T], run_id: str = "",
+               threads: int = READ_THREADS) -> Iterator[T]:
+    """``read(fs, path)`` of each complete data file, in file order. ``threads`` files are read at
+    once (on object storage each read is a few requests; an output of a billion images has
     hundreds of thousands of files) and at most twice as many are held ahead of the caller.
     Unreadable files (partial writes of a killed run) are deleted so their images are
     labelled again."""
@@ -179,7 +191,7 @@ def iter_tables(layout: OutputLayout, storage: StorageConfig, columns: Sequence[
     try:
         ahead: deque[tuple[str, Future]] = deque()
         for path in data_files(layout, storage, run_id):
-            ahead.append((path, pool.submit(_read_columns, fs, path, columns)))
+            ahead.append((path, pool.submit(read, fs, path)))
             if len(ahead) >= 2 * threads:
                 yield from _read_or_remove(fs, *ahead.popleft())
         while ahead:
@@ -190,13 +202,13 @@ def iter_tables(layout: OutputLayout, storage: StorageConfig, columns: Sequence[
 
 def iter_column(layout: OutputLayout, storage: StorageConfig, column: str,
                 run_id: str = "") -> Iterator[pa.ChunkedArray]:
-    """One column of each complete data file, in file order (see :func:`iter_tables`)."""
-    return (table.column(column) for table in iter_tables(layout, storage, [column], run_id))
+    """One column of each complete data file, in file order (see :func:`iter_files`)."""
+    read = functools.partial(_read_columns, columns=[column])
+    return (table.column(column) for table in iter_files(layout, storage, read, run_id))
 
 
-def _read_or_remove(fs: Any, path: str, read: Future,
-                    then: str = "its images will be labelled again") -> Iterator[pa.Table]:
-    """The columns :func:`iter_tables` read from ``path``. A file that is not (yet) Parquet is a
+def _read_or_remove(fs: Any, path: str, read: Future, then: str = "its images will be labelled again") -> Iterator:
+    """What :func:`iter_files` read from ``path``. A file that is not (yet) Parquet is a
     partial write of a killed run (a cut file has no closing magic bytes): it is deleted and
     nothing is yielded. Any other error (the network, permissions) says nothing about the
     file: it is kept and a SourceError names it."""

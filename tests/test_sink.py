@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import threading
 
+import fsspec.implementations.local
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -182,3 +184,23 @@ def test_a_cut_shard_record_is_removed_and_unversioned_shards_are_not_recorded(t
     assert done.contains([shard_key("s3://b/a.tar", "10:e1")]).tolist() == [True] and len(done) == 1
     assert not (tmp_path / "_lgca" / "shards" / "r2.parquet").exists()
     assert "its shards will be read again" in caplog.text
+
+
+def test_error_rows_of_a_file_skip_row_groups_without_errors(tmp_path):
+    ids = [f"s3://b/{np.random.default_rng(i).bytes(24).hex()}.jpg" for i in range(30000)]  # incompressible
+    errors = [None] * 30000
+    errors[25000] = "decode: bad"
+    table = pa.table({"id": ids, "uri": ids, "error": pa.array(errors, pa.string()), "label": ["cat"] * 30000})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=10000)
+    read = []
+
+    class Counting(fsspec.implementations.local.LocalFileSystem):
+        def open(self, path, mode="rb", **kwargs):
+            handle = super().open(path, mode, **kwargs)
+            real = handle.read
+            handle.read = lambda *args: read.append(len(out := real(*args))) or out
+            return handle
+
+    rows, failed = sink.error_rows(Counting(), str(tmp_path / "f.parquet"))
+    assert rows == 30000 and failed.to_pylist() == [{"id": ids[25000], "uri": ids[25000], "error": "decode: bad"}]
+    assert sum(read) < (tmp_path / "f.parquet").stat().st_size / 2  # two of three row groups left unread
