@@ -74,7 +74,7 @@ class Listing:
     work: plan.WorkList
     skipped_files: int  # loose image files already labelled
     skipped_shards: int  # shards an earlier run read whole, with the same version now
-    shards: tuple[tuple[str, str | None], ...]  # (uri, version) of the shards in ``work``, recorded once done
+    shards: tuple[tuple[str, str | None], ...]  # (uri, version) of shards in ``work`` to record once done
 
 
 def _first_per_uri(shards: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
@@ -100,9 +100,13 @@ def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
     unread = {kind: [s for s, seen in zip(found, read_whole.contains([shard_key(*s) for s in found])) if not seen]
               for kind, found in shards.items()}
     work = plan.WorkList(tuple(new), tuple(u for u, _ in unread["tar"]), tuple(u for u, _ in unread["parquet"]))
+    to_read = unread["tar"] + unread["parquet"]
+    # a shard whose reading once broke off (its '<uri>#' row is in the output) is never recorded:
+    # should it break again, that row, being labelled already, would not be written to tell
+    broke_before = done.contains([f"{uri}#" for uri, _ in to_read])
     return Listing(work, skipped_files=len(files) - len(new),
                    skipped_shards=sum(len(found) - len(unread[kind]) for kind, found in shards.items()),
-                   shards=tuple(unread["tar"] + unread["parquet"]))
+                   shards=tuple(s for s, broke in zip(to_read, broke_before) if not broke))
 
 
 @dataclass(frozen=True)
