@@ -72,6 +72,15 @@ def detect_kind(uri: str) -> str:
     return "files"
 
 
+def _target_info(fs: fsspec.AbstractFileSystem, name: str, info: dict) -> dict:
+    """The listing record of a symlink's target; the link's own where the target is gone (reading
+    it then gives the image or shard an error row)."""
+    try:
+        return fs.info(name)
+    except OSError:
+        return info
+
+
 def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]:
     """The files at ``path`` (a file, a folder or prefix searched recursively, or a glob) and
     fsspec's listing record of each."""
@@ -82,7 +91,7 @@ def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]
     if fs.isdir(path):
         found = fs.find(path, detail=True)
         # a local symlink is listed with the link's own time; its target's tells a rewrite
-        return {name: fs.info(name) if info.get("islink") else info for name, info in found.items()}
+        return {name: _target_info(fs, name, info) if info.get("islink") else info for name, info in found.items()}
     raise SourceError(f"{uri}: no such file, folder or prefix")
 
 
