@@ -118,10 +118,11 @@ class Outcome:
     broken_shards: set[str]  # shards whose reading stopped part-way (a '<shard uri>#' error row)
 
 
-def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str) -> Outcome:
-    """Count this run's rows and read its error rows (only those are read and become Python objects)."""
+def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str, removed: list[str]) -> Outcome:
+    """Count this run's rows and read its error rows (only those are read and become Python
+    objects); an unreadable file of the run is removed and appended to ``removed``."""
     rows, errors, broken = 0, [], set()
-    for count, failed in iter_files(layout, job.storage, error_rows, run_id):
+    for count, failed in iter_files(layout, job.storage, error_rows, run_id, removed=removed):
         rows += count
         errors += failed.column("error").to_pylist()
         broken.update(uri for image_id, uri in zip(failed.column("id").to_pylist(), failed.column("uri").to_pylist())
@@ -189,18 +190,23 @@ def run_label_job(job: LabelJob) -> RunSummary:
     classes, image_size = prepare(job)
     layout = OutputLayout(job.output)
     check_manifest(layout, fingerprint(job, classes), job.storage, job.overwrite)
-    done = DoneIds.load(layout, job.storage)
-    # records without any data are stale (data deleted by hand): trusting them would skip every shard
-    read_whole = completed_shards(layout, job.storage) if len(done) else DoneIds.joined([])
+    lost: list[str] = []  # partial data files removed while the output's ids are read
+    done = DoneIds.load(layout, job.storage, lost)
+    # shard records vouch for rows in the output: not trusted when it has no data (deleted by
+    # hand) or just lost a file (whose rows may belong to recorded shards); all are read then
+    read_whole = completed_shards(layout, job.storage) if len(done) and not lost else DoneIds.joined([])
     listing = collect_work(job, done, read_whole)
     run_id = new_run_id()
     if not listing.work.empty:
         start_ray(job)
         dataset = plan.build(listing.work, job, classes, done, run_id, image_size)
         plan.write(dataset, layout, job, run_id)
-    outcome = run_outcome(layout, job, run_id)
-    # every row is written now; a shard whose reading stopped part-way must be read again
-    record_shards(layout, job.storage, run_id, [s for s in listing.shards if s[0] not in outcome.broken_shards])
+    own_lost: list[str] = []
+    outcome = run_outcome(layout, job, run_id, own_lost)
+    # every row is written now; a shard whose reading stopped part-way must be read again, and
+    # none is recorded if a file of this run could not be read (it may hold any shard's rows)
+    if not own_lost:
+        record_shards(layout, job.storage, run_id, [s for s in listing.shards if s[0] not in outcome.broken_shards])
     errors = outcome.errors
     reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
     summary = RunSummary(run_id=run_id, output=job.output, ok=outcome.rows - len(errors), errors=len(errors),

@@ -180,12 +180,12 @@ def error_rows(fs: Any, path: str) -> tuple[int, pa.Table]:
 
 
 def iter_files(layout: OutputLayout, storage: StorageConfig, read: Callable[[Any, str], T], run_id: str = "",
-               threads: int = READ_THREADS) -> Iterator[T]:
+               threads: int = READ_THREADS, removed: list[str] | None = None) -> Iterator[T]:
     """``read(fs, path)`` of each complete data file, in file order. ``threads`` files are read at
     once (on object storage each read is a few requests; an output of a billion images has
     hundreds of thousands of files) and at most twice as many are held ahead of the caller.
     Unreadable files (partial writes of a killed run) are deleted so their images are
-    labelled again."""
+    labelled again; their paths are appended to ``removed`` when given."""
     fs, _ = filesystem(layout.data, storage)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lgca-output-read")
     try:
@@ -193,21 +193,22 @@ def iter_files(layout: OutputLayout, storage: StorageConfig, read: Callable[[Any
         for path in data_files(layout, storage, run_id):
             ahead.append((path, pool.submit(read, fs, path)))
             if len(ahead) >= 2 * threads:
-                yield from _read_or_remove(fs, *ahead.popleft())
+                yield from _read_or_remove(fs, *ahead.popleft(), removed=removed)
         while ahead:
-            yield from _read_or_remove(fs, *ahead.popleft())
+            yield from _read_or_remove(fs, *ahead.popleft(), removed=removed)
     finally:  # on an error or an early stop, drop the queued reads instead of waiting for them
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def iter_column(layout: OutputLayout, storage: StorageConfig, column: str,
-                run_id: str = "") -> Iterator[pa.ChunkedArray]:
+def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "",
+                removed: list[str] | None = None) -> Iterator[pa.ChunkedArray]:
     """One column of each complete data file, in file order (see :func:`iter_files`)."""
     read = functools.partial(_read_columns, columns=[column])
-    return (table.column(column) for table in iter_files(layout, storage, read, run_id))
+    return (table.column(column) for table in iter_files(layout, storage, read, run_id, removed=removed))
 
 
-def _read_or_remove(fs: Any, path: str, read: Future, then: str = "its images will be labelled again") -> Iterator:
+def _read_or_remove(fs: Any, path: str, read: Future, then: str = "its images will be labelled again",
+                    removed: list[str] | None = None) -> Iterator:
     """What :func:`iter_files` read from ``path``. A file that is not (yet) Parquet is a
     partial write of a killed run (a cut file has no closing magic bytes): it is deleted and
     nothing is yielded. Any other error (the network, permissions) says nothing about the
@@ -217,6 +218,8 @@ def _read_or_remove(fs: Any, path: str, read: Future, then: str = "its images wi
     except pa.ArrowInvalid as exc:
         log.warning("removing incomplete output file %s (%s); %s", path, exc, then)
         fs.rm(path)
+        if removed is not None:
+            removed.append(path)
         return
     except OSError as exc:
         raise SourceError(f"{path}: cannot read this output file ({type(exc).__name__}: {exc}); nothing was "
@@ -246,11 +249,12 @@ class DoneIds:
     digests: np.ndarray
 
     @classmethod
-    def load(cls, layout: OutputLayout, storage: StorageConfig) -> DoneIds:
+    def load(cls, layout: OutputLayout, storage: StorageConfig, removed: list[str] | None = None) -> DoneIds:
         """Digest the output's ids file by file and sort the digests in place: the driver holds
         about 16 bytes per labelled id (32 while the files' digests are joined), never all the
-        ids themselves."""
-        return cls.joined([id_digests(ids.to_pylist()) for ids in iter_column(layout, storage, "id")])
+        ids themselves. Partial files removed on the way are appended to ``removed``."""
+        ids = iter_column(layout, storage, "id", removed=removed)
+        return cls.joined([id_digests(values.to_pylist()) for values in ids])
 
     @classmethod
     def joined(cls, parts: list[np.ndarray]) -> DoneIds:

@@ -301,6 +301,41 @@ def test_a_shard_cut_short_is_read_again_and_records_without_data_are_ignored(ra
     assert (again.ok, again.errors, again.skipped_shards) == (3, 0, 0)  # stale records are not trusted
 
 
+def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp_path, tiny_checkpoint,
+                                                                monkeypatch):
+    from pipeline import runner
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(make_tar({"1.jpg": encode(photos.astronaut()), "2.jpg": encode(photos.coffee())}))
+    (shards / "b.tar").write_bytes(make_tar({"3.jpg": encode(photos.rocket())}))
+    job = make_job([shards / "*.tar"], tmp_path / "out", tiny_checkpoint)
+    first = run_label_job(job)
+    (first_file,) = (tmp_path / "out" / "data").iterdir()  # one actor call, one file
+    (shards / "c.tar").write_bytes(make_tar({"3b.jpg": encode(photos.chelsea())}))
+    assert (first.ok, run_label_job(job).ok) == (3, 1)
+    first_file.write_bytes(b"PAR1 cut")  # unreadable now: removed by the next run, c.tar's file stays
+    again = run_label_job(job)
+    assert (again.ok, again.skipped_shards) == (3, 0)  # the records are ignored, the lost rows labelled again
+
+    (shards / "d.tar").write_bytes(make_tar({"4.jpg": encode(photos.camera())}))
+    real = runner.error_rows
+
+    def unreadable(fs, path):
+        raise pa.ArrowInvalid("Parquet magic bytes not found")
+
+    monkeypatch.setattr(runner, "error_rows", unreadable)  # this run's own file cannot be read back
+    third = run_label_job(job)
+    assert (third.ok, third.skipped_shards) == (0, 3)
+    assert not (tmp_path / "out" / "_lgca" / "shards" / f"{third.run_id}.parquet").exists()  # d.tar unrecorded
+    monkeypatch.setattr(runner, "error_rows", real)
+    fourth = run_label_job(job)
+    assert (fourth.ok, fourth.skipped_shards) == (1, 3)  # d.tar read again: its image labelled
+    assert sorted(read_output(job.output).column("id").to_pylist()) == sorted(
+        f"{shards / name}#{member}" for name, member in
+        (("a.tar", "1.jpg"), ("a.tar", "2.jpg"), ("b.tar", "3.jpg"), ("c.tar", "3b.jpg"), ("d.tar", "4.jpg")))
+
+
 def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, monkeypatch):
     from pipeline import plan
 
