@@ -151,7 +151,7 @@ class OutputLayout:
         return self.path("_lgca", "shards")
 
 
-READ_THREADS = 16  # output files read at once by iter_files
+READ_THREADS = 16  # output files read at once by _read_each
 
 
 def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
@@ -179,40 +179,30 @@ def error_rows(fs: Any, path: str) -> tuple[int, pa.Table]:
     return rows, errors
 
 
-def iter_files(layout: OutputLayout, storage: StorageConfig, read: Callable[[Any, str], T], run_id: str = "",
-               threads: int = READ_THREADS, removed: list[str] | None = None) -> Iterator[T]:
-    """``read(fs, path)`` of each complete data file, in file order. ``threads`` files are read at
-    once (on object storage each read is a few requests; an output of a billion images has
-    hundreds of thousands of files) and at most twice as many are held ahead of the caller.
-    Unreadable files (partial writes of a killed run) are deleted so their images are
-    labelled again; their paths are appended to ``removed`` when given."""
-    fs, _ = filesystem(layout.data, storage)
+def _read_each(fs: Any, paths: Sequence[str], read: Callable[[Any, str], T], then: str,
+               removed: list[str] | None = None, threads: int = READ_THREADS) -> Iterator[T]:
+    """``read(fs, path)`` of each of ``paths``, in order. ``threads`` files are read at once (on
+    object storage each read is a few requests; an output of a billion images has hundreds of
+    thousands of files) and at most twice as many are held ahead of the caller (see
+    :func:`_read_or_remove` for unreadable files)."""
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lgca-output-read")
     try:
         ahead: deque[tuple[str, Future]] = deque()
-        for path in data_files(layout, storage, run_id):
+        for path in paths:
             ahead.append((path, pool.submit(read, fs, path)))
             if len(ahead) >= 2 * threads:
-                yield from _read_or_remove(fs, *ahead.popleft(), removed=removed)
+                yield from _read_or_remove(fs, *ahead.popleft(), then, removed)
         while ahead:
-            yield from _read_or_remove(fs, *ahead.popleft(), removed=removed)
+            yield from _read_or_remove(fs, *ahead.popleft(), then, removed)
     finally:  # on an error or an early stop, drop the queued reads instead of waiting for them
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "",
-                removed: list[str] | None = None) -> Iterator[pa.ChunkedArray]:
-    """One column of each complete data file, in file order (see :func:`iter_files`)."""
-    read = functools.partial(_read_columns, columns=[column])
-    return (table.column(column) for table in iter_files(layout, storage, read, run_id, removed=removed))
-
-
-def _read_or_remove(fs: Any, path: str, read: Future, then: str = "its images will be labelled again",
-                    removed: list[str] | None = None) -> Iterator:
-    """What :func:`iter_files` read from ``path``. A file that is not (yet) Parquet is a
-    partial write of a killed run (a cut file has no closing magic bytes): it is deleted and
-    nothing is yielded. Any other error (the network, permissions) says nothing about the
-    file: it is kept and a SourceError names it."""
+def _read_or_remove(fs: Any, path: str, read: Future, then: str, removed: list[str] | None) -> Iterator:
+    """What was read from ``path``. A file that is not (yet) Parquet is a partial write of a
+    killed run (a cut file has no closing magic bytes): it is deleted (logged with ``then``,
+    appended to ``removed`` when given) and nothing is yielded. Any other error (the network,
+    permissions) says nothing about the file: it is kept and a SourceError names it."""
     try:
         values = read.result()
     except pa.ArrowInvalid as exc:
@@ -227,10 +217,20 @@ def _read_or_remove(fs: Any, path: str, read: Future, then: str = "its images wi
     yield values
 
 
-def read_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "") -> pa.ChunkedArray:
-    """One column of every complete data file (see :func:`iter_column`)."""
-    chunks = [chunk for values in iter_column(layout, storage, column, run_id) for chunk in values.chunks]
-    return pa.chunked_array(chunks, SCHEMA.field(column).type)
+def iter_files(layout: OutputLayout, storage: StorageConfig, read: Callable[[Any, str], T], run_id: str = "",
+               removed: list[str] | None = None) -> Iterator[T]:
+    """``read(fs, path)`` of each complete data file (of one run when ``run_id`` is given), in
+    file order, several at once (see :func:`_read_each`). Unreadable files (partial writes of
+    a killed run) are deleted so their images are labelled again."""
+    fs, _ = filesystem(layout.data, storage)
+    return _read_each(fs, data_files(layout, storage, run_id), read, "its images will be labelled again", removed)
+
+
+def iter_column(layout: OutputLayout, storage: StorageConfig, column: str, run_id: str = "",
+                removed: list[str] | None = None) -> Iterator[pa.ChunkedArray]:
+    """One column of each complete data file, in file order (see :func:`iter_files`)."""
+    read = functools.partial(_read_columns, columns=[column])
+    return (table.column(column) for table in iter_files(layout, storage, read, run_id, removed=removed))
 
 
 def id_digests(ids: Sequence[str]) -> np.ndarray:
@@ -313,12 +313,10 @@ def completed_shards(layout: OutputLayout, storage: StorageConfig) -> DoneIds:
     if not fs.exists(path):
         return DoneIds.joined([])
     names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lgca-shards-read") as pool:
-        reads = [(name, pool.submit(_read_columns, fs, name, ["uri", "version"])) for name in names]
-        parts = [id_digests([shard_key(uri, version) for uri, version in
-                             zip(table.column("uri").to_pylist(), table.column("version").to_pylist())])
-                 for name, read in reads for table in _read_or_remove(fs, name, read, "its shards will be read again")]
-    return DoneIds.joined(parts)
+    read = functools.partial(_read_columns, columns=["uri", "version"])
+    return DoneIds.joined([id_digests([shard_key(uri, version) for uri, version in
+                                       zip(table.column("uri").to_pylist(), table.column("version").to_pylist())])
+                           for table in _read_each(fs, names, read, "its shards will be read again")])
 
 
 def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
