@@ -95,11 +95,12 @@ def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]
     raise SourceError(f"{uri}: no such file, folder or prefix")
 
 
-def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...],
-                   what: str) -> list[tuple[str, dict]]:
-    """Full URIs, sorted, and listing records of the files at ``uri`` whose names end with
-    ``extensions`` (any case). ``uri`` is a single file, a folder or prefix (searched
-    recursively), or a glob (``*``, ``?``, ``[...]``, ``**``; matches files only).
+def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...], what: str,
+                   versions: bool = False) -> list[tuple[str, str | None]]:
+    """Full URIs, sorted, of the files at ``uri`` whose names end with ``extensions`` (any
+    case), each with its :func:`file_version` when ``versions`` is set (else None). ``uri`` is a
+    single file, a folder or prefix (searched recursively), or a glob (``*``, ``?``,
+    ``[...]``, ``**``; matches files only).
     """
     fs, path = filesystem(uri, storage)
     fs.invalidate_cache()  # listings must reflect the store now, not an earlier listing
@@ -107,11 +108,14 @@ def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...]
         found = _find(fs, path, uri)
     finally:
         fs.invalidate_cache()  # s3fs keeps an info dict per listed object (~3 KB) for the process's life
-    matching = sorted(((full_uri(fs, name), info) for name, info in found.items()
-                       if name.lower().endswith(extensions)), key=lambda pair: pair[0])
+    listed = len(found)
+    matching = [(full_uri(fs, name), file_version(info) if versions else None) for name, info in found.items()
+                if name.lower().endswith(extensions)]
+    del found  # the listing records (several hundred bytes a file) are not kept while sorting
+    matching.sort(key=lambda pair: pair[0])
     if not matching:
         raise SourceError(f"{uri}: no {what} found (looked for names ending in {', '.join(extensions)}, "
-                          f"any case, among {len(found)} files)")
+                          f"any case, among {listed} files)")
     return matching
 
 
@@ -144,8 +148,7 @@ def list_shard_versions(uri: str, kind: str, storage: StorageConfig) -> list[tup
     each with its :func:`file_version`."""
     if kind not in SHARD_EXTENSIONS:
         raise SourceError(f"kind: {kind!r} is not one of {', '.join(SHARD_EXTENSIONS)}")
-    return [(name, file_version(info))
-            for name, info in _list_matching(uri, storage, SHARD_EXTENSIONS[kind], f"{kind} shards")]
+    return _list_matching(uri, storage, SHARD_EXTENSIONS[kind], f"{kind} shards", versions=True)
 
 
 def list_shards(uri: str, kind: str, storage: StorageConfig) -> list[str]:
