@@ -332,21 +332,13 @@ def weights_left_uninitialised() -> Iterator[None]:
                 setattr(torch.nn.init, name, function)
 
 
-class _DropPrefix(logging.Filter):
-    """Drops log records whose message starts with ``prefix``."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
 @contextlib.contextmanager
 def _root_messages_dropped(prefix: str) -> Iterator[None]:
     """Within: messages logged on the root logger (as open_clip logs) starting with ``prefix`` are dropped."""
-    drop, root = _DropPrefix(prefix), logging.getLogger()
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    root = logging.getLogger()
     root.addFilter(drop)
     try:
         yield
