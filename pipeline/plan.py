@@ -17,7 +17,7 @@ from ray.data.datasource import FilenameProvider
 from .config import LabelJob
 from .decode import DecodeLimits, decode_batch
 from .prompts import ClassSet
-from .sink import DoneIds, OutputLayout
+from .sink import DoneIds, OutputLayout, ShardMarks
 from .sources import filesystem, iter_parquet_rows, iter_tar_members, read_files_batch
 
 FILES_PER_READ = 32  # loose files per read task
@@ -89,17 +89,26 @@ def _read(kind: str, uris: list[str], job: LabelJob) -> Iterator[dict[str, list]
             yield {name: [row[name] for row in chunk] for name in ("id", "uri", "bytes", "error")}
 
 
-def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None) -> Iterator[dict[str, list]]:
+def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None,
+               marks: ShardMarks | None = None) -> Iterator[dict[str, list]]:
     """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`),
-    without the ids already in the output."""
+    without the ids already in the output. With ``marks``, a shard read to its end (no
+    ``<uri>#`` error row) is marked after its last row (see :class:`~pipeline.sink.ShardMarks`)."""
     if isinstance(done, ray.ObjectRef):
         done = ray.get(done)
     for kind, uris in zip(batch["kind"], batch["uris"]):
+        shard = str(uris[0]) if marks is not None and kind != "files" else None  # one shard per read task
+        if shard is not None:
+            marks.clear(shard, job.storage)
+        broke = False
         for rows in _read(kind, list(uris), job):
+            broke = broke or (shard is not None and f"{shard}#" in rows["id"])
             # loose files were filtered on the driver already; shard rows are known only now
             rows = drop_done(rows, done) if done is not None and kind != "files" else rows
             if rows["id"]:
                 yield rows
+        if shard is not None and not broke:
+            marks.mark(shard, job.storage)
 
 
 def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:
@@ -111,7 +120,7 @@ def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:
 
 
 def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_id: str,
-          image_size: int) -> ray.data.Dataset:
+          image_size: int, marks: ShardMarks | None = None) -> ray.data.Dataset:
     """The whole plan up to (not including) the write.
 
     Reading and decoding are CPU tasks spread over the cluster; their scheduling differs
@@ -128,7 +137,7 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_i
     items = work_items(work)
     done_ref = ray.put(done) if len(done) and (work.tars or work.parquets) else None
     rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_items, fn_kwargs={"job": job, "done": done_ref}, batch_size=None, **stage)
+        read_items, fn_kwargs={"job": job, "done": done_ref, "marks": marks}, batch_size=None, **stage)
     # batch_size=None on both: one read task per work item (Ray bundles inputs up to the
     # largest batch size of a fused chain), streamed through in pieces.
     decoded = rows.map_batches(decode_pieces, fn_kwargs={"limits": limits}, batch_size=None, **stage)

@@ -20,8 +20,8 @@ from . import plan
 from .config import ConfigError, LabelJob, to_dict
 from .models import check_weights, model_input_size
 from .prompts import ClassSet, load_class_set
-from .sink import (DoneIds, OutputLayout, check_manifest, completed_shards, error_rows, iter_files, record_shards,
-                   shard_key, write_json)
+from .sink import (DoneIds, OutputLayout, ShardMarks, check_manifest, completed_shards, error_rows, iter_files,
+                   record_shards, shard_key, write_json)
 from .sources import detect_kind, list_image_files, list_shard_versions
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class Listing:
     work: plan.WorkList
     skipped_files: int  # loose image files already labelled
     skipped_shards: int  # shards an earlier run read whole, with the same version now
-    shards: tuple[tuple[str, str | None], ...]  # (uri, version) of shards in ``work`` to record once done
+    shards: tuple[tuple[str, str | None], ...]  # (uri, version) of shards in ``work``, recorded once read to their end
 
 
 def _first_per_uri(shards: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
@@ -100,13 +100,9 @@ def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
     unread = {kind: [s for s, seen in zip(found, read_whole.contains([shard_key(*s) for s in found])) if not seen]
               for kind, found in shards.items()}
     work = plan.WorkList(tuple(new), tuple(u for u, _ in unread["tar"]), tuple(u for u, _ in unread["parquet"]))
-    to_read = unread["tar"] + unread["parquet"]
-    # a shard whose reading once broke off (its '<uri>#' row is in the output) is never recorded:
-    # should it break again, that row, being labelled already, would not be written to tell
-    broke_before = done.contains([f"{uri}#" for uri, _ in to_read])
     return Listing(work, skipped_files=len(files) - len(new),
                    skipped_shards=sum(len(found) - len(unread[kind]) for kind, found in shards.items()),
-                   shards=tuple(s for s, broke in zip(to_read, broke_before) if not broke))
+                   shards=tuple(unread["tar"] + unread["parquet"]))
 
 
 @dataclass(frozen=True)
@@ -115,19 +111,16 @@ class Outcome:
 
     rows: int
     errors: list[str]  # the error rows' messages
-    broken_shards: set[str]  # shards whose reading stopped part-way (a '<shard uri>#' error row)
 
 
 def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str, removed: list[str]) -> Outcome:
     """Count this run's rows and read its error rows (only those are read and become Python
     objects); an unreadable file of the run is removed and appended to ``removed``."""
-    rows, errors, broken = 0, [], set()
+    rows, errors = 0, []
     for count, failed in iter_files(layout, job.storage, error_rows, run_id, removed=removed):
         rows += count
         errors += failed.column("error").to_pylist()
-        broken.update(uri for image_id, uri in zip(failed.column("id").to_pylist(), failed.column("uri").to_pylist())
-                      if image_id == f"{uri}#")
-    return Outcome(rows, errors, broken)
+    return Outcome(rows, errors)
 
 
 def package_versions() -> dict[str, str]:
@@ -197,16 +190,22 @@ def run_label_job(job: LabelJob) -> RunSummary:
     read_whole = completed_shards(layout, job.storage) if len(done) and not lost else DoneIds.joined([])
     listing = collect_work(job, done, read_whole)
     run_id = new_run_id()
-    if not listing.work.empty:
-        start_ray(job)
-        dataset = plan.build(listing.work, job, classes, done, run_id, image_size)
-        plan.write(dataset, layout, job, run_id)
-    own_lost: list[str] = []
-    outcome = run_outcome(layout, job, run_id, own_lost)
-    # every row is written now; a shard whose reading stopped part-way must be read again, and
-    # none is recorded if a file of this run could not be read (it may hold any shard's rows)
-    if not own_lost:
-        record_shards(layout, job.storage, run_id, [s for s in listing.shards if s[0] not in outcome.broken_shards])
+    marks = ShardMarks(layout.reading(run_id)) if listing.shards else None
+    try:
+        if not listing.work.empty:
+            start_ray(job)
+            dataset = plan.build(listing.work, job, classes, done, run_id, image_size, marks)
+            plan.write(dataset, layout, job, run_id)
+        own_lost: list[str] = []
+        outcome = run_outcome(layout, job, run_id, own_lost)
+        # every row is written now; only shards read to their end are recorded, and none if a
+        # file of this run could not be read (it may hold any shard's rows)
+        if marks is not None and not own_lost:
+            whole = marks.marked([uri for uri, _ in listing.shards], job.storage)
+            record_shards(layout, job.storage, run_id, [s for s, read in zip(listing.shards, whole) if read])
+    finally:
+        if marks is not None:
+            marks.remove(job.storage)
     errors = outcome.errors
     reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
     summary = RunSummary(run_id=run_id, output=job.output, ok=outcome.rows - len(errors), errors=len(errors),

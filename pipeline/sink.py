@@ -6,6 +6,7 @@ Layout of an output folder (local or any fsspec URL)::
     OUTPUT/_lgca/manifest.json                    what every row was scored with
     OUTPUT/_lgca/runs/<run id>.json               metadata of each run
     OUTPUT/_lgca/shards/<run id>.parquet          the shards (uri, version) a finished run read whole
+    OUTPUT/_lgca/reading/<run id>/<digest>        a running run's marks of shards read to their end
 
 docs/output-schema.md documents every column.
 """
@@ -150,6 +151,9 @@ class OutputLayout:
     def shards(self) -> str:
         return self.path("_lgca", "shards")
 
+    def reading(self, run_id: str) -> str:
+        return self.path("_lgca", "reading", run_id)
+
 
 READ_THREADS = 16  # output files read at once by _read_each
 
@@ -171,11 +175,11 @@ def _read_columns(fs: Any, path: str, columns: Sequence[str]) -> pa.Table:
 
 
 def error_rows(fs: Any, path: str) -> tuple[int, pa.Table]:
-    """One data file's row count (from its footer) and its error rows' ``id``, ``uri`` and
-    ``error``. Row groups without an error are skipped by their statistics, not read."""
+    """One data file's row count (from its footer) and its error rows' ``error``. Row groups
+    without an error are skipped by their statistics, not read."""
     with fs.open(path, "rb") as handle:
         rows = pq.ParquetFile(handle).metadata.num_rows
-        errors = pq.read_table(handle, columns=["id", "uri", "error"], filters=pc.field("error").is_valid())
+        errors = pq.read_table(handle, columns=["error"], filters=pc.field("error").is_valid())
     return rows, errors
 
 
@@ -301,6 +305,59 @@ def record_shards(layout: OutputLayout, storage: StorageConfig, run_id: str,
     table = pa.table({"uri": [uri for uri, _ in shards], "version": [version for _, version in shards]})
     with fs.open(f"{path}/{run_id}.parquet", "wb") as handle:
         pq.write_table(table, handle)
+
+
+@dataclass(frozen=True)
+class ShardMarks:
+    """One run's proof that a shard was read to its end: a read task writes a shard's mark
+    after its last row, unless the reading broke off (the shard's ``<uri>#`` error row).
+
+    Each reading of a shard starts by removing its mark, so a retried read task (Ray runs it
+    again after a lost worker, and keeps the rows the first attempt delivered) that breaks
+    off earlier than the first attempt leaves none. The run records only marked shards
+    (:func:`record_shards`) and removes the folder when it ends.
+    """
+
+    folder: str  # OutputLayout.reading(run_id)
+
+    def path(self, uri: str) -> str:
+        return f"{self.folder}/{hashlib.sha256(uri.encode()).hexdigest()[:32]}"
+
+    def clear(self, uri: str, storage: StorageConfig) -> None:
+        """Remove ``uri``'s mark, if any (before a shard is read)."""
+        fs, path = filesystem(self.path(uri), storage)
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+    def mark(self, uri: str, storage: StorageConfig) -> None:
+        """Mark ``uri`` read to its end (the file holds the URI, for a person looking)."""
+        fs, path = filesystem(self.path(uri), storage)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as handle:
+            handle.write(uri.encode())
+
+    def marked(self, uris: Sequence[str], storage: StorageConfig) -> list[bool]:
+        """Which of ``uris`` were read to their end (one listing of the folder)."""
+        fs, path = filesystem(self.folder, storage)
+        fs.invalidate_cache(path)
+        try:
+            names = {name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            names = set()
+        return [self.path(uri).rsplit("/", 1)[-1] in names for uri in uris]
+
+    def remove(self, storage: StorageConfig) -> None:
+        """Remove the run's marks (when it ends, done or not). A failure only leaves the folder
+        behind (no run reads it): it is logged, not raised over the run's own outcome."""
+        fs, path = filesystem(self.folder, storage)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove %s (%s); it is not used again and can be deleted", self.folder, exc)
 
 
 def completed_shards(layout: OutputLayout, storage: StorageConfig) -> DoneIds:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.plan import FILES_PER_READ, RunFiles, WorkList, drop_done, work_items, worker_env
-from pipeline.sink import DoneIds, id_digests
+from skimage import data as photos
+
+from pipeline.config import InputConfig, LabelJob, TextConfig
+from pipeline.plan import FILES_PER_READ, RunFiles, WorkList, drop_done, read_items, work_items, worker_env
+from pipeline.sink import DoneIds, OutputLayout, ShardMarks, id_digests
+from tests.support import encode, make_tar
 
 
 def test_drop_done_keeps_only_new_rows():
@@ -38,3 +42,19 @@ def test_worker_env_forwards_aws_settings_only(monkeypatch):
     monkeypatch.setenv("HOME_SECRET", "not forwarded")
     assert worker_env() == {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
                                                          "AWS_PROFILE": "lab"}}}
+
+
+def test_shards_read_to_their_end_are_marked_and_a_reading_starts_unmarked(tmp_path):
+    whole = make_tar({"1.jpg": encode(photos.astronaut()), "2.jpg": encode(photos.coffee())})
+    (tmp_path / "a.tar").write_bytes(whole)
+    (tmp_path / "cut.tar").write_bytes(whole[:len(whole) // 2])  # breaks off inside 2.jpg
+    (tmp_path / "x.jpg").write_bytes(encode(photos.rocket()))
+    uris = [str(tmp_path / name) for name in ("a.tar", "cut.tar", "x.jpg")]
+    job = LabelJob(inputs=InputConfig((str(tmp_path),)), output=str(tmp_path / "out"), text=TextConfig(classes="a,b"))
+    marks = ShardMarks(OutputLayout(job.output).reading("r1"))
+    marks.mark(uris[1], job.storage)  # left by an earlier attempt of the same read task
+    done = DoneIds(np.unique(id_digests([f"{uris[0]}#1.jpg"])))
+    batch = {"kind": ["tar", "tar", "files"], "uris": [[uris[0]], [uris[1]], [uris[2]]]}
+    rows = [i for piece in read_items(batch, job, done, marks) for i in piece["id"]]
+    assert rows == [f"{uris[0]}#2.jpg", f"{uris[1]}#1.jpg", f"{uris[1]}#", uris[2]]
+    assert marks.marked(uris, job.storage) == [True, False, False]  # loose files are never marked

@@ -292,8 +292,10 @@ def test_a_shard_cut_short_is_read_again_and_records_without_data_are_ignored(ra
     (shards / "a.tar").write_bytes(whole)  # the shard arrives complete
     second = run_label_job(job)
     assert (second.ok, second.errors, second.skipped_shards) == (1, 0, 1)  # 2.jpg labelled now
-    third = run_label_job(job)  # a shard that once broke is read by every run (its error row stays)
-    assert (third.ok, third.errors, third.skipped_shards) == (0, 0, 1)
+    third = run_label_job(job)  # read to its end at last: recorded, not read again
+    assert (third.ok, third.errors, third.skipped_shards) == (0, 0, 2)
+    assert not (tmp_path / "out" / "_lgca" / "reading").exists() or not any(
+        (tmp_path / "out" / "_lgca" / "reading").iterdir())  # every run removed its marks
 
     for path in (tmp_path / "out" / "data").iterdir():  # data deleted by hand, records left behind
         path.unlink()
@@ -353,6 +355,7 @@ def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, m
     with pytest.raises(RuntimeError, match="stopped after writing"):
         run_label_job(job)
     assert read_output(job.output).num_rows == 2 and not (tmp_path / "out" / "_lgca" / "shards").exists()
+    assert list((tmp_path / "out" / "_lgca" / "reading").iterdir()) == []  # its marks removed all the same
     monkeypatch.setattr(plan, "write", write)
     again = run_label_job(job)  # the shard is read again; its rows are in the output already
     assert (again.ok, again.errors, again.skipped_shards) == (0, 0, 0)

@@ -202,5 +202,26 @@ def test_error_rows_of_a_file_skip_row_groups_without_errors(tmp_path):
             return handle
 
     rows, failed = sink.error_rows(Counting(), str(tmp_path / "f.parquet"))
-    assert rows == 30000 and failed.to_pylist() == [{"id": ids[25000], "uri": ids[25000], "error": "decode: bad"}]
+    assert rows == 30000 and failed.to_pylist() == [{"error": "decode: bad"}]
     assert sum(read) < (tmp_path / "f.parquet").stat().st_size / 2  # two of three row groups left unread
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_shard_marks_round_trip_and_removal(where, tmp_path, request):
+    if where == "s3":
+        storage = StorageConfig(endpoint_url=request.getfixturevalue("moto_endpoint"))
+        root = f"s3://{request.getfixturevalue('bucket')}/out"
+    else:
+        storage, root = LOCAL, str(tmp_path / "out")
+    marks = sink.ShardMarks(sink.OutputLayout(root).reading("r1"))
+    shards = ["s3://in/a.tar", "s3://in/b.tar", "s3://in/deep/c.parquet"]
+    assert marks.marked(shards, storage) == [False, False, False]  # no folder yet
+    marks.clear(shards[0], storage)  # nothing to clear: no error
+    marks.mark(shards[0], storage)
+    marks.mark(shards[2], storage)
+    assert marks.marked(shards, storage) == [True, False, True]
+    marks.clear(shards[0], storage)  # a second reading of a.tar starts
+    assert marks.marked(shards, storage) == [False, False, True]
+    marks.remove(storage)
+    assert marks.marked(shards, storage) == [False, False, False]
+    marks.remove(storage)  # removing twice is no error
