@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -42,45 +41,28 @@ def worker_logging() -> None:
 
 
 class LabelActor:
-    """Holds one model and its :class:`~pipeline.engine.Engine` for the actor's lifetime.
-
-    All of the actor's torch work (loading, the text bank, scoring) runs on one thread it
-    owns, whichever threads Ray calls ``__init__`` and ``__call__`` on (Ray Data calls them on
-    two different ones). OpenMP keeps a thread team per calling thread; with two teams libgomp
-    counts more threads than CPUs and sleeps at its barriers instead of spinning. Measured in
-    the bench's pipeline on 2 cores: the actor used 187 % CPU instead of 178 % (the idle 10 %
-    gone), though the run was only ~1 % faster (docs/benchmarks.md).
-    """
+    """Holds one model and its :class:`~pipeline.engine.Engine` for the actor's lifetime."""
 
     def __init__(self, model: ModelConfig, classes: ClassSet, scoring: ScoringParams,
                  storage: StorageConfig, run_id: str, batch_size: int, threads: int = 0):
         worker_logging()
-        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lgca-torch")  # lives as the actor
+        if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
+            torch.set_num_threads(threads)
+        clock = time.monotonic()
+        options = storage.options_for(model.pretrained)
+        loaded = load_model(model, options)
+        loaded_at = time.monotonic()
         self.names = classes.names
         self.scoring = scoring
         self.run_id = run_id
         self.batch_size = batch_size  # images per engine call, whatever size the blocks arriving here
-        self.engine = self._torch.submit(self._load, model, classes, storage, threads).result()
-
-    def _load(self, model: ModelConfig, classes: ClassSet, storage: StorageConfig, threads: int) -> Engine:
-        """Load the model and encode the class texts (on the torch thread)."""
-        if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
-            torch.set_num_threads(threads)
-        clock = time.monotonic()
-        loaded = load_model(model, storage.options_for(model.pretrained))
-        loaded_at = time.monotonic()
-        engine = Engine.for_classes(loaded, classes, self.scoring)
+        self.engine = Engine.for_classes(loaded, classes, scoring)
         log.info("model %s (%s) on %s in %s loaded in %.1f s; text bank of %d classes in %.1f s",
                  loaded.name, model.pretrained, loaded.device, model.precision, loaded_at - clock,
                  len(classes.names), time.monotonic() - loaded_at)
-        return engine
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         """Score the decoded rows of ``batch``; returns one output row per input row."""
-        return self._torch.submit(self._label, batch).result()
-
-    def _label(self, batch: dict[str, Any]) -> pa.Table:
-        """:meth:`__call__`'s work, on the torch thread."""
         rows = {name: _column(batch, name) for name in OUTPUT_COLUMNS}
         errors = [error_message(value) for value in rows["error"]]
         good = [i for i, error in enumerate(errors) if error is None]

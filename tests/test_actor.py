@@ -73,28 +73,3 @@ def test_an_image_that_fails_scoring_becomes_an_error_row_alone(actor, monkeypat
 
 def test_empty_batches_give_empty_tables(actor):
     assert actor(decoded({})).num_rows == 0
-
-
-def test_loading_and_scoring_run_on_one_thread_whichever_thread_calls(tiny_checkpoint, monkeypatch):
-    """Ray Data calls __init__ and __call__ on different threads; the torch work must not follow
-    them (a second OpenMP team per calling thread makes libgomp sleep at its barriers)."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pipeline.actor as actor_module
-    from pipeline.engine import Engine
-
-    seen = []
-    real_load, real_score = actor_module.load_model, Engine.score
-    monkeypatch.setattr(actor_module, "load_model", lambda *a: seen.append(("load", threading.get_ident()))
-                        or real_load(*a))
-    monkeypatch.setattr(Engine, "score", lambda self, images: seen.append(("score", threading.get_ident()))
-                        or real_score(self, images))
-    actor = LabelActor(ModelConfig(name="lgca-tiny", pretrained=str(tiny_checkpoint), device="cpu"),
-                       CLASSES, SCORING, StorageConfig(), "run-8", batch_size=2)
-    with ThreadPoolExecutor(2) as callers:
-        tables = list(callers.map(actor, [decoded({"a": encode(photos.chelsea())}),
-                                          decoded({"b": encode(photos.rocket())})]))
-    assert [t.column("status").to_pylist() for t in tables] == [["ok"], ["ok"]]
-    assert [kind for kind, _ in seen] == ["load", "score", "score"]
-    assert len({ident for _, ident in seen}) == 1 and seen[0][1] != threading.get_ident()
