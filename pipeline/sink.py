@@ -332,11 +332,15 @@ class ShardMarks:
             pass
 
     def mark(self, uri: str, storage: StorageConfig) -> None:
-        """Mark ``uri`` read to its end (the file holds the URI, for a person looking)."""
+        """Mark ``uri`` read to its end (the file holds the URI, for a person looking). A mark
+        that cannot be written is logged, not raised: the shard is only read again next run."""
         fs, path = filesystem(self.path(uri), storage)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as handle:
-            handle.write(uri.encode())
+        try:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(path, "wb") as handle:
+                handle.write(uri.encode())
+        except OSError as exc:
+            log.warning("could not mark %s read whole (%s): the next run reads it again", uri, exc)
 
     def marked(self, uris: Sequence[str], storage: StorageConfig) -> list[bool]:
         """Which of ``uris`` were read to their end (one listing of the folder)."""

@@ -225,3 +225,17 @@ def test_shard_marks_round_trip_and_removal(where, tmp_path, request):
     marks.remove(storage)
     assert marks.marked(shards, storage) == [False, False, False]
     marks.remove(storage)  # removing twice is no error
+
+
+def test_a_mark_that_cannot_be_written_leaves_the_shard_unrecorded(tmp_path, monkeypatch, caplog):
+    class ReadOnly(fsspec.implementations.local.LocalFileSystem):
+        def open(self, path, mode="rb", **kwargs):
+            if "w" in mode:
+                raise PermissionError(13, "Permission denied", path)
+            return super().open(path, mode, **kwargs)
+
+    monkeypatch.setattr(sink, "filesystem", lambda uri, storage: (ReadOnly(), uri))
+    marks = sink.ShardMarks(str(tmp_path / "reading" / "r1"))
+    marks.mark("s3://in/a.tar", LOCAL)  # no exception: the run goes on
+    assert marks.marked(["s3://in/a.tar"], LOCAL) == [False]
+    assert "could not mark s3://in/a.tar read whole" in caplog.text
