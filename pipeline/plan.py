@@ -92,23 +92,24 @@ def _read(kind: str, uris: list[str], job: LabelJob) -> Iterator[dict[str, list]
 def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None,
                marks: ShardMarks | None = None) -> Iterator[dict[str, list]]:
     """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`),
-    without the ids already in the output. With ``marks``, a shard read to its end (no
-    ``<uri>#`` error row) is marked after its last row (see :class:`~pipeline.sink.ShardMarks`)."""
+    without the ids already in the output. With ``marks``, each shard is marked read to its
+    end after its last row, or broken off before its ``<uri>#`` error row is passed on (see
+    :class:`~pipeline.sink.ShardMarks`)."""
     if isinstance(done, ray.ObjectRef):
         done = ray.get(done)
     for kind, uris in zip(batch["kind"], batch["uris"]):
         shard = str(uris[0]) if marks is not None and kind != "files" else None  # one shard per read task
-        if shard is not None:
-            marks.clear(shard, job.storage)
         broke = False
         for rows in _read(kind, list(uris), job):
-            broke = broke or (shard is not None and f"{shard}#" in rows["id"])
+            if shard is not None and not broke and f"{shard}#" in rows["id"]:
+                broke = True
+                marks.mark(shard, job.storage, whole=False)
             # loose files were filtered on the driver already; shard rows are known only now
             rows = drop_done(rows, done) if done is not None and kind != "files" else rows
             if rows["id"]:
                 yield rows
         if shard is not None and not broke:
-            marks.mark(shard, job.storage)
+            marks.mark(shard, job.storage, whole=True)
 
 
 def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any
+from typing import Any, Sequence
 
 from . import plan
 from .config import ConfigError, LabelJob, to_dict
@@ -123,6 +123,17 @@ def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str, removed: list[
     return Outcome(rows, errors)
 
 
+def record_whole_shards(layout: OutputLayout, job: LabelJob, run_id: str,
+                        shards: Sequence[tuple[str, str | None]], marks: ShardMarks) -> None:
+    """Record the ``shards`` that ``marks`` show read to their end. Once the rows are written,
+    a store error here is logged, not raised: unrecorded shards are only read again next run."""
+    try:
+        whole = marks.marked([uri for uri, _ in shards], job.storage)
+        record_shards(layout, job.storage, run_id, [s for s, read in zip(shards, whole) if read])
+    except OSError as exc:
+        log.warning("could not record the shards read whole (%s): the next run reads them again", exc)
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:
@@ -193,6 +204,8 @@ def run_label_job(job: LabelJob) -> RunSummary:
     marks = ShardMarks(layout.reading(run_id)) if listing.shards else None
     try:
         if not listing.work.empty:
+            if marks is not None:
+                marks.create(job.storage)
             start_ray(job)
             dataset = plan.build(listing.work, job, classes, done, run_id, image_size, marks)
             plan.write(dataset, layout, job, run_id)
@@ -201,8 +214,7 @@ def run_label_job(job: LabelJob) -> RunSummary:
         # every row is written now; only shards read to their end are recorded, and none if a
         # file of this run could not be read (it may hold any shard's rows)
         if marks is not None and not own_lost:
-            whole = marks.marked([uri for uri, _ in listing.shards], job.storage)
-            record_shards(layout, job.storage, run_id, [s for s, read in zip(listing.shards, whole) if read])
+            record_whole_shards(layout, job, run_id, listing.shards, marks)
     finally:
         if marks is not None:
             marks.remove(job.storage)

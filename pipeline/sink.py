@@ -6,7 +6,7 @@ Layout of an output folder (local or any fsspec URL)::
     OUTPUT/_lgca/manifest.json                    what every row was scored with
     OUTPUT/_lgca/runs/<run id>.json               metadata of each run
     OUTPUT/_lgca/shards/<run id>.parquet          the shards (uri, version) a finished run read whole
-    OUTPUT/_lgca/reading/<run id>/<digest>        a running run's marks of shards read to their end
+    OUTPUT/_lgca/reading/<run id>/<digest>[.broken]  a running run's marks: shards read to their end, or not
 
 docs/output-schema.md documents every column.
 """
@@ -309,13 +309,16 @@ def record_shards(layout: OutputLayout, storage: StorageConfig, run_id: str,
 
 @dataclass(frozen=True)
 class ShardMarks:
-    """One run's proof that a shard was read to its end: a read task writes a shard's mark
-    after its last row, unless the reading broke off (the shard's ``<uri>#`` error row).
+    """One run's proof that a shard was read to its end.
 
-    Each reading of a shard starts by removing its mark, so a retried read task (Ray runs it
-    again after a lost worker, and keeps the rows the first attempt delivered) that breaks
-    off earlier than the first attempt leaves none. The run records only marked shards
-    (:func:`record_shards`) and removes the folder when it ends.
+    A read task writes ``<digest>`` after a shard's last row, or ``<digest>.broken`` as soon as
+    its reading breaks off (the shard's ``<uri>#`` error row), before that row leaves the task.
+    Nothing removes a mark during the run, and a shard counts as read whole only with a
+    whole mark and no broken one: whichever attempts Ray makes of a read task (a retry after a
+    lost worker, or a re-run to rebuild a lost block), the rows of an attempt that broke off may
+    be the ones in the output, so one break is enough to read the shard again next run.
+    The driver creates the folder, records the whole shards (:func:`record_shards`) and
+    removes the folder when the run ends.
     """
 
     folder: str  # OutputLayout.reading(run_id)
@@ -323,34 +326,34 @@ class ShardMarks:
     def path(self, uri: str) -> str:
         return f"{self.folder}/{hashlib.sha256(uri.encode()).hexdigest()[:32]}"
 
-    def clear(self, uri: str, storage: StorageConfig) -> None:
-        """Remove ``uri``'s mark, if any (before a shard is read)."""
-        fs, path = filesystem(self.path(uri), storage)
-        try:
-            fs.rm(path)
-        except FileNotFoundError:
-            pass
+    def create(self, storage: StorageConfig) -> None:
+        """Make the folder (on the driver, once: read tasks then only write files)."""
+        fs, path = filesystem(self.folder, storage)
+        fs.makedirs(path, exist_ok=True)
 
-    def mark(self, uri: str, storage: StorageConfig) -> None:
-        """Mark ``uri`` read to its end (the file holds the URI, for a person looking). A mark
-        that cannot be written is logged, not raised: the shard is only read again next run."""
-        fs, path = filesystem(self.path(uri), storage)
+    def mark(self, uri: str, storage: StorageConfig, whole: bool) -> None:
+        """Mark ``uri`` read to its end (``whole``) or broken off; the file holds the URI, for a
+        person looking. A whole mark that cannot be written is logged (the shard is only read
+        again next run); a broken one raises, as another attempt's whole mark would vouch alone."""
+        fs, path = filesystem(self.path(uri) + ("" if whole else ".broken"), storage)
         try:
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with fs.open(path, "wb") as handle:
                 handle.write(uri.encode())
         except OSError as exc:
+            if not whole:
+                raise
             log.warning("could not mark %s read whole (%s): the next run reads it again", uri, exc)
 
     def marked(self, uris: Sequence[str], storage: StorageConfig) -> list[bool]:
-        """Which of ``uris`` were read to their end (one listing of the folder)."""
+        """Which of ``uris`` were read to their end and never broke off (one folder listing)."""
         fs, path = filesystem(self.folder, storage)
         fs.invalidate_cache(path)
         try:
             names = {name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
         except FileNotFoundError:
             names = set()
-        return [self.path(uri).rsplit("/", 1)[-1] in names for uri in uris]
+        digests = [self.path(uri).rsplit("/", 1)[-1] for uri in uris]
+        return [digest in names and f"{digest}.broken" not in names for digest in digests]
 
     def remove(self, storage: StorageConfig) -> None:
         """Remove the run's marks (when it ends, done or not). A failure only leaves the folder

@@ -44,17 +44,21 @@ def test_worker_env_forwards_aws_settings_only(monkeypatch):
                                                          "AWS_PROFILE": "lab"}}}
 
 
-def test_shards_read_to_their_end_are_marked_and_a_reading_starts_unmarked(tmp_path):
+def test_shards_are_marked_whole_or_broken_and_one_break_outweighs_a_whole_reading(tmp_path):
     whole = make_tar({"1.jpg": encode(photos.astronaut()), "2.jpg": encode(photos.coffee())})
-    (tmp_path / "a.tar").write_bytes(whole)
+    for name in ("a.tar", "again.tar"):
+        (tmp_path / name).write_bytes(whole)
     (tmp_path / "cut.tar").write_bytes(whole[:len(whole) // 2])  # breaks off inside 2.jpg
     (tmp_path / "x.jpg").write_bytes(encode(photos.rocket()))
-    uris = [str(tmp_path / name) for name in ("a.tar", "cut.tar", "x.jpg")]
+    uris = [str(tmp_path / name) for name in ("a.tar", "cut.tar", "again.tar", "x.jpg")]
     job = LabelJob(inputs=InputConfig((str(tmp_path),)), output=str(tmp_path / "out"), text=TextConfig(classes="a,b"))
     marks = ShardMarks(OutputLayout(job.output).reading("r1"))
-    marks.mark(uris[1], job.storage)  # left by an earlier attempt of the same read task
+    marks.create(job.storage)
+    marks.mark(uris[1], job.storage, whole=True)  # an earlier attempt of the same read task read it whole
+    marks.mark(uris[2], job.storage, whole=False)  # an earlier attempt broke off (its rows may be the ones kept)
     done = DoneIds(np.unique(id_digests([f"{uris[0]}#1.jpg"])))
-    batch = {"kind": ["tar", "tar", "files"], "uris": [[uris[0]], [uris[1]], [uris[2]]]}
+    batch = {"kind": np.array(["tar", "tar", "tar", "files"]), "uris": [np.array([u]) for u in uris]}
     rows = [i for piece in read_items(batch, job, done, marks) for i in piece["id"]]
-    assert rows == [f"{uris[0]}#2.jpg", f"{uris[1]}#1.jpg", f"{uris[1]}#", uris[2]]
-    assert marks.marked(uris, job.storage) == [True, False, False]  # loose files are never marked
+    assert rows == [f"{uris[0]}#2.jpg", f"{uris[1]}#1.jpg", f"{uris[1]}#", f"{uris[2]}#1.jpg", f"{uris[2]}#2.jpg",
+                    uris[3]]
+    assert marks.marked(uris, job.storage) == [True, False, False, False]  # loose files are never marked

@@ -397,3 +397,18 @@ def test_bad_config_is_rejected_before_ray_starts(tmp_path, tiny_checkpoint, mon
     from pipeline.sources import SourceError
     with pytest.raises(SourceError, match="no such file"):
         run_label_job(make_job([tmp_path / "absent"], tmp_path / "o", tiny_checkpoint))
+
+
+def test_a_store_error_while_recording_shards_is_logged_not_raised(tmp_path, tiny_checkpoint, caplog):
+    from pipeline.runner import record_whole_shards
+    from pipeline.sink import ShardMarks
+
+    class Unlistable(ShardMarks):
+        def marked(self, uris, storage):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    job = make_job([tmp_path / "shards"], tmp_path / "out", tiny_checkpoint)
+    layout = OutputLayout(job.output)
+    record_whole_shards(layout, job, "r1", [("s3://in/a.tar", "10:etag")], Unlistable(layout.reading("r1")))
+    assert "could not record the shards read whole" in caplog.text  # the run's rows are written: it goes on
+    assert not (tmp_path / "out" / "_lgca" / "shards").exists()

@@ -214,28 +214,34 @@ def test_shard_marks_round_trip_and_removal(where, tmp_path, request):
     else:
         storage, root = LOCAL, str(tmp_path / "out")
     marks = sink.ShardMarks(sink.OutputLayout(root).reading("r1"))
-    shards = ["s3://in/a.tar", "s3://in/b.tar", "s3://in/deep/c.parquet"]
-    assert marks.marked(shards, storage) == [False, False, False]  # no folder yet
-    marks.clear(shards[0], storage)  # nothing to clear: no error
-    marks.mark(shards[0], storage)
-    marks.mark(shards[2], storage)
-    assert marks.marked(shards, storage) == [True, False, True]
-    marks.clear(shards[0], storage)  # a second reading of a.tar starts
-    assert marks.marked(shards, storage) == [False, False, True]
+    shards = ["s3://in/a.tar", "s3://in/b.tar", "s3://in/deep/c.parquet", "s3://in/d.tar"]
+    assert marks.marked(shards, storage) == [False] * 4  # no folder yet
+    marks.create(storage)
+    marks.mark(shards[0], storage, whole=True)
+    marks.mark(shards[2], storage, whole=True)
+    marks.mark(shards[3], storage, whole=False)
+    assert marks.marked(shards, storage) == [True, False, True, False]
+    marks.mark(shards[3], storage, whole=True)  # a later attempt read it whole: the break still counts
+    marks.mark(shards[0], storage, whole=False)
+    assert marks.marked(shards, storage) == [False, False, True, False]
     marks.remove(storage)
-    assert marks.marked(shards, storage) == [False, False, False]
+    assert marks.marked(shards, storage) == [False] * 4
     marks.remove(storage)  # removing twice is no error
 
 
-def test_a_mark_that_cannot_be_written_leaves_the_shard_unrecorded(tmp_path, monkeypatch, caplog):
-    class ReadOnly(fsspec.implementations.local.LocalFileSystem):
-        def open(self, path, mode="rb", **kwargs):
-            if "w" in mode:
-                raise PermissionError(13, "Permission denied", path)
-            return super().open(path, mode, **kwargs)
+class ReadOnly(fsspec.implementations.local.LocalFileSystem):
+    def open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            raise PermissionError(13, "Permission denied", path)
+        return super().open(path, mode, **kwargs)
 
+
+def test_a_whole_mark_that_cannot_be_written_is_logged_a_broken_one_raises(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(sink, "filesystem", lambda uri, storage: (ReadOnly(), uri))
     marks = sink.ShardMarks(str(tmp_path / "reading" / "r1"))
-    marks.mark("s3://in/a.tar", LOCAL)  # no exception: the run goes on
+    marks.create(LOCAL)
+    marks.mark("s3://in/a.tar", LOCAL, whole=True)  # no exception: the shard is only read again next run
     assert marks.marked(["s3://in/a.tar"], LOCAL) == [False]
     assert "could not mark s3://in/a.tar read whole" in caplog.text
+    with pytest.raises(PermissionError):  # else another attempt's whole mark would vouch for the shard
+        marks.mark("s3://in/a.tar", LOCAL, whole=False)
