@@ -105,22 +105,14 @@ def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
                    shards=tuple(unread["tar"] + unread["parquet"]))
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a run wrote, from its own data files."""
-
-    rows: int
-    errors: list[str]  # the error rows' messages
-
-
-def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str, removed: list[str]) -> Outcome:
-    """Count this run's rows and read its error rows (only those are read and become Python
-    objects); an unreadable file of the run is removed and appended to ``removed``."""
+def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str, removed: list[str]) -> tuple[int, list[str]]:
+    """This run's row count and its error rows' messages (only those are read and become Python
+    objects), from its own data files; an unreadable one is removed and appended to ``removed``."""
     rows, errors = 0, []
     for count, failed in iter_files(layout, job.storage, error_rows, run_id, removed=removed):
         rows += count
         errors += failed.column("error").to_pylist()
-    return Outcome(rows, errors)
+    return rows, errors
 
 
 def record_whole_shards(layout: OutputLayout, job: LabelJob, run_id: str,
@@ -210,7 +202,7 @@ def run_label_job(job: LabelJob) -> RunSummary:
             dataset = plan.build(listing.work, job, classes, done, run_id, image_size, marks)
             plan.write(dataset, layout, job, run_id)
         own_lost: list[str] = []
-        outcome = run_outcome(layout, job, run_id, own_lost)
+        rows, errors = run_outcome(layout, job, run_id, own_lost)
         # every row is written now; only shards read to their end are recorded, and none if a
         # file of this run could not be read (it may hold any shard's rows)
         if marks is not None and not own_lost:
@@ -218,9 +210,8 @@ def run_label_job(job: LabelJob) -> RunSummary:
     finally:
         if marks is not None:
             marks.remove(job.storage)
-    errors = outcome.errors
     reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
-    summary = RunSummary(run_id=run_id, output=job.output, ok=outcome.rows - len(errors), errors=len(errors),
+    summary = RunSummary(run_id=run_id, output=job.output, ok=rows - len(errors), errors=len(errors),
                          skipped=listing.skipped_files, seconds=time.monotonic() - clock, error_reasons=reasons,
                          skipped_shards=listing.skipped_shards)
     write_json(layout.run(run_id), run_metadata(job, classes, summary, started), job.storage)

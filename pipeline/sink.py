@@ -158,13 +158,20 @@ class OutputLayout:
 READ_THREADS = 16  # output files read at once by _read_each
 
 
+def _list_folder(fs: Any, path: str) -> list[str]:
+    """The paths in folder ``path`` as the store holds them now (not a listing s3fs cached
+    earlier), sorted; none where the folder does not exist."""
+    fs.invalidate_cache(path)
+    try:
+        return sorted(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
 def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -> list[str]:
     """Paths of the output's Parquet files (of one run when ``run_id`` is given)."""
     fs, path = filesystem(layout.data, storage)
-    fs.invalidate_cache(path)  # list the files written now, not a listing cached earlier (s3fs)
-    if not fs.exists(path):
-        return []
-    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    names = [p for p in _list_folder(fs, path) if p.endswith(".parquet")]
     return [p for p in names if not run_id or p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
 
 
@@ -323,8 +330,13 @@ class ShardMarks:
 
     folder: str  # OutputLayout.reading(run_id)
 
+    @staticmethod
+    def name(uri: str) -> str:
+        """The mark's file name for shard ``uri`` (a digest: URIs hold '/' and can be long)."""
+        return hashlib.sha256(uri.encode()).hexdigest()[:32]
+
     def path(self, uri: str) -> str:
-        return f"{self.folder}/{hashlib.sha256(uri.encode()).hexdigest()[:32]}"
+        return f"{self.folder}/{self.name(uri)}"
 
     def create(self, storage: StorageConfig) -> None:
         """Make the folder (on the driver, once: read tasks then only write files)."""
@@ -347,13 +359,8 @@ class ShardMarks:
     def marked(self, uris: Sequence[str], storage: StorageConfig) -> list[bool]:
         """Which of ``uris`` were read to their end and never broke off (one folder listing)."""
         fs, path = filesystem(self.folder, storage)
-        fs.invalidate_cache(path)
-        try:
-            names = {name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
-        except FileNotFoundError:
-            names = set()
-        digests = [self.path(uri).rsplit("/", 1)[-1] for uri in uris]
-        return [digest in names and f"{digest}.broken" not in names for digest in digests]
+        names = {name.rsplit("/", 1)[-1] for name in _list_folder(fs, path)}
+        return [self.name(uri) in names and f"{self.name(uri)}.broken" not in names for uri in uris]
 
     def remove(self, storage: StorageConfig) -> None:
         """Remove the run's marks (when it ends, done or not). A failure only leaves the folder
@@ -373,10 +380,7 @@ def completed_shards(layout: OutputLayout, storage: StorageConfig) -> DoneIds:
     records (one file per run) are read READ_THREADS at a time; a cut one (a run killed while
     writing it) is removed, which costs only a second reading of its shards."""
     fs, path = filesystem(layout.shards, storage)
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return DoneIds.joined([])
-    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    names = [p for p in _list_folder(fs, path) if p.endswith(".parquet")]
     read = functools.partial(_read_columns, columns=["uri", "version"])
     return DoneIds.joined([id_digests([shard_key(uri, version) for uri, version in
                                        zip(table.column("uri").to_pylist(), table.column("version").to_pylist())])
