@@ -1,8 +1,10 @@
 """Batched crop cutting and resizing on the model's device.
 
 All crops of all images in a batch are cut with ``torchvision.ops.roi_align`` from one
-padded tensor: bilinear sampling with an adaptive number of samples per output pixel,
-which averages (anti-aliases) when a crop is larger than the model input.
+padded tensor (or, in a batch of very different shapes, one per group of like-sized
+images, so that padding never multiplies the batch's memory): bilinear sampling with an
+adaptive number of samples per output pixel, which averages (anti-aliases) when a crop is
+larger than the model input.
 """
 from __future__ import annotations
 
@@ -42,36 +44,67 @@ class Preprocess:
                 f"available: {', '.join(RESIZE_MODES)}")
 
 
+PAD_LIMIT = 2.0  # a padded group may hold at most this many times its images' own pixels
+
+
 @dataclass
 class PixelBatch:
-    """Decoded images of one batch, padded into one tensor on the device.
+    """Decoded images of one batch on the device, padded into groups of like-sized images.
 
-    ``pixels``: float32 ``[B, 3, Hmax, Wmax]`` in 0..255, each image padded by
-    replicating its edge (so sampling near a border equals clamping to that image).
+    ``groups``: float32 ``[G_g, 3, H_g, W_g]`` tensors in 0..255, one per group, each image
+    padded to its group's size by replicating its edge (so sampling near a border equals
+    clamping to that image). Usually the whole batch is one group; see :func:`pad_groups`.
+    ``group``, ``slot``: long ``[B]``, each image's group and its place in that group.
     ``scale``: ``[B, 2]`` as ``(sy, sx)``, working-copy pixels per original pixel.
     """
 
-    pixels: torch.Tensor
+    groups: list[torch.Tensor]
+    group: torch.Tensor
+    slot: torch.Tensor
     scale: torch.Tensor
 
 
+def pad_groups(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Image indices grouped so that padding each group to its largest height and width costs
+    at most ``PAD_LIMIT`` times the group's own pixels: in batch order, each image joins the
+    first group it fits. Photos of both orientations share one group; a wide panorama and a
+    tall one do not (padded together, each would become a large square)."""
+    groups: list[list[int]] = []
+    for i in range(len(shapes)):
+        for members in groups:
+            joined = [shapes[j] for j in members + [i]]
+            canvas = max(h for h, _ in joined) * max(w for _, w in joined) * len(joined)
+            if canvas <= PAD_LIMIT * sum(h * w for h, w in joined):
+                members.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
 def pad_batch(images: list[np.ndarray], sizes: list[tuple[int, int]], device: torch.device) -> PixelBatch:
-    """Move uint8 ``[h, w, 3]`` working copies to ``device`` and pad them to one tensor.
+    """Move uint8 ``[h, w, 3]`` working copies to ``device``, padded in groups (:func:`pad_groups`).
 
     ``sizes`` are the original ``(H, W)`` of each image; the working copy may be a
     downscaled copy of it, and boxes given in original coordinates are rescaled.
     """
-    max_h = max(image.shape[0] for image in images)
-    max_w = max(image.shape[1] for image in images)
-    padded = []
-    for image in images:
-        chw = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).to(device).permute(2, 0, 1).float()
-        pad = (0, max_w - chw.shape[2], 0, max_h - chw.shape[1])
-        padded.append(F.pad(chw[None], pad, mode="replicate")[0] if any(pad) else chw)
+    groups = pad_groups([image.shape[:2] for image in images])
+    tensors, group, slot = [], [0] * len(images), [0] * len(images)
+    for g, members in enumerate(groups):
+        max_h = max(images[i].shape[0] for i in members)
+        max_w = max(images[i].shape[1] for i in members)
+        padded = []
+        for place, i in enumerate(members):
+            group[i], slot[i] = g, place
+            chw = torch.from_numpy(np.require(images[i], np.uint8, ["C", "W"])).to(device).permute(2, 0, 1).float()
+            pad = (0, max_w - chw.shape[2], 0, max_h - chw.shape[1])
+            padded.append(F.pad(chw[None], pad, mode="replicate")[0] if any(pad) else chw)
+        tensors.append(torch.stack(padded))
     scale = torch.tensor(
         [[image.shape[0] / h, image.shape[1] / w] for image, (h, w) in zip(images, sizes)],
         dtype=torch.float32, device=device)
-    return PixelBatch(pixels=torch.stack(padded), scale=scale)
+    return PixelBatch(groups=tensors, group=torch.tensor(group, device=device),
+                      slot=torch.tensor(slot, device=device), scale=scale)
 
 
 def cut_crops(batch: PixelBatch, image_index: torch.Tensor, boxes: torch.Tensor,
@@ -82,15 +115,28 @@ def cut_crops(batch: PixelBatch, image_index: torch.Tensor, boxes: torch.Tensor,
     in original-image coordinates. Returns ``[M, 3, S, S]`` in ``dtype``, normalised
     with the model's mean and std.
     """
-    index = image_index.to(batch.pixels.device)
-    scale = batch.scale[index]
-    scaled = boxes.to(batch.pixels.device, torch.float32) * scale[:, [1, 0, 1, 0]]
-    rois = torch.cat([index[:, None].float(), scaled], dim=1)
+    device = batch.scale.device
+    index = image_index.to(device)
+    scaled = boxes.to(device, torch.float32) * batch.scale[index][:, [1, 0, 1, 0]]
+    rois = torch.cat([batch.slot[index, None].float(), scaled], dim=1)
     size = preprocess.image_size
-    crops = roi_align(batch.pixels, rois, output_size=(size, size), spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=True)
+    if len(batch.groups) == 1:
+        crops = _roi_align(batch.groups[0], rois, size)
+    else:  # images of very different shapes in the batch: one call per group
+        member = batch.group[index]
+        crops = rois.new_empty(len(rois), 3, size, size)
+        for g, pixels in enumerate(batch.groups):
+            rows = (member == g).nonzero()[:, 0]
+            if len(rows):
+                crops[rows] = _roi_align(pixels, rois[rows], size)
     mean, std = _normaliser(preprocess.mean, preprocess.std, crops.device)
     return ((crops - mean) / std).to(dtype)
+
+
+def _roi_align(pixels: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
+    """``[M, 3, size, size]`` bilinear crops of ``pixels`` ``[G, 3, H, W]`` at ``rois``
+    ``[M, 5]`` (slot, x1, y1, x2, y2), averaging where a crop is larger than the output."""
+    return roi_align(pixels, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 @functools.lru_cache(maxsize=16)

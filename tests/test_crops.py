@@ -10,7 +10,7 @@ from PIL import Image
 from skimage import data
 
 from pipeline.config import ModelConfig, ScoringParams
-from pipeline.crops import Preprocess, cut_crops, pad_batch
+from pipeline.crops import PAD_LIMIT, Preprocess, cut_crops, pad_batch, pad_groups
 from pipeline.engine import Engine, ImageInput
 from pipeline.models import load_model
 
@@ -79,6 +79,38 @@ def test_padding_a_batch_does_not_change_any_crop(tiny):
     both = cut_crops(together, torch.tensor([0, 0]), boxes, tiny.preprocess, torch.float32)
     one = cut_crops(alone, torch.tensor([0, 0]), boxes, tiny.preprocess, torch.float32)
     torch.testing.assert_close(both, one)
+
+
+def test_photos_of_both_orientations_share_one_padded_group():
+    shapes = [(448, 672), (672, 448)] * 16
+    assert pad_groups(shapes) == [list(range(32))]
+
+
+def test_padding_never_takes_more_than_twice_the_images_own_pixels():
+    rng = np.random.default_rng(3)
+    shapes = [(int(h), int(w)) for h, w in rng.integers(8, 5000, size=(64, 2))]
+    groups = pad_groups(shapes)
+    assert sorted(i for members in groups for i in members) == list(range(64))
+    for members in groups:
+        canvas = max(shapes[i][0] for i in members) * max(shapes[i][1] for i in members) * len(members)
+        assert canvas <= PAD_LIMIT * sum(shapes[i][0] * shapes[i][1] for i in members)
+
+
+def test_a_wide_and_a_tall_image_are_padded_apart_and_cut_as_if_alone(tiny):
+    astronaut = data.astronaut()
+    wide, tall, photo = astronaut[:60], astronaut[:, :60], data.coffee()  # 60x512, 512x60, 400x600
+    images = [wide, tall, photo]
+    batch = pad_batch(images, [image.shape[:2] for image in images], CPU)
+    # padded together all three would be 512x600 each (3.1x their pixels); in groups 1.7x
+    assert [tuple(g.shape) for g in batch.groups] == [(2, 3, 400, 600), (1, 3, 512, 60)]
+    boxes = torch.tensor([[0, 0, 60, 60], [0, 100, 60, 160], [200, 100, 500, 400], [0, 400, 60, 460],
+                          [452, 0, 512, 60]], dtype=torch.float64)
+    index = torch.tensor([0, 1, 2, 1, 0])
+    together = cut_crops(batch, index, boxes, tiny.preprocess, torch.float32)
+    for row, i in enumerate(index.tolist()):
+        alone = cut_crops(pad_batch([images[i]], [images[i].shape[:2]], CPU), torch.tensor([0]), boxes[row:row + 1],
+                          tiny.preprocess, torch.float32)
+        torch.testing.assert_close(together[row:row + 1], alone)
 
 
 def test_clip_scores_equal_open_clips_zero_shot_classifier(tiny):
