@@ -20,8 +20,8 @@ from . import plan
 from .config import ConfigError, LabelJob, to_dict
 from .models import check_weights, model_input_size
 from .prompts import ClassSet, load_class_set
-from .sink import (DoneIds, OutputLayout, ShardMarks, check_manifest, completed_shards, error_rows, iter_files,
-                   record_shards, shard_key, write_json)
+from .sink import (DoneIds, OutputLayout, ShardMarks, check_manifest, completed_shards, error_rows,
+                   forget_shards, iter_files, record_shards, shard_key, start_output, write_json)
 from .sources import detect_kind, list_image_files, list_shard_versions
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ def package_versions() -> dict[str, str]:
 
 def prepare(job: LabelJob) -> tuple[ClassSet, int]:
     """Driver-side validation that needs files: classes, model name and weights."""
-    text_options = job.storage.options_for(job.text.classes)
-    classes = load_class_set(job.text, text_options)
+    classes = load_class_set(job.text, job.storage)
     weights_options = job.storage.options_for(job.model.pretrained)
     check_weights(job.model, weights_options)
     return classes, model_input_size(job.model.name)
@@ -152,23 +151,27 @@ def ray_address(job: LabelJob) -> str:
 
 
 def check_local_resources(job: LabelJob) -> None:
-    """On a local Ray, one model actor and one read/decode task must fit this machine, or the
-    run would wait forever."""
+    """On a local Ray, the first model actors (``actors_min``) and one read/decode task must fit
+    this machine, or the run would wait forever."""
     if ray_address(job) != "local":
         return
     res, cpus = job.resources, os.cpu_count() or 1
-    if res.cpus_per_actor + 1 > cpus:
+    actors = res.actors_min
+    if actors * res.cpus_per_actor + 1 > cpus:
+        fit = (cpus - 1) / actors
+        fix = (f"use --cpus-per-actor {fit:g} or less (and --threads-per-actor {cpus} to let torch use every "
+               "core), fewer actors, or " if fit > 0 else "")
         raise ConfigError(
-            f"cpus_per_actor: {res.cpus_per_actor} leaves none of this machine's {cpus} CPUs for reading "
-            f"and decoding; use --cpus-per-actor {max(cpus - 1, 0.5)} or less (and --threads-per-actor "
-            f"{cpus} to let torch use every core), or run on a cluster (--address)")
+            f"actors, cpus_per_actor: {actors} actor(s) of {res.cpus_per_actor} CPUs leave none of this "
+            f"machine's {cpus} CPUs for reading and decoding; {fix}run on a cluster (--address)")
     if res.gpus_per_actor > 0:
         import torch
 
         gpus = torch.cuda.device_count()
-        if res.gpus_per_actor > gpus:
-            raise ConfigError(f"gpus_per_actor: {res.gpus_per_actor} but this machine has {gpus} GPUs; "
-                              "use --gpus-per-actor 0 to run on CPUs, or run on a cluster (--address)")
+        if actors * res.gpus_per_actor > gpus:
+            raise ConfigError(f"actors, gpus_per_actor: {actors} actor(s) of {res.gpus_per_actor} GPUs but this "
+                              f"machine has {gpus} GPUs; use --gpus-per-actor 0 to run on CPUs, fewer actors, "
+                              "or run on a cluster (--address)")
 
 
 def start_ray(job: LabelJob) -> None:
@@ -185,13 +188,20 @@ def run_label_job(job: LabelJob) -> RunSummary:
     check_local_resources(job)
     classes, image_size = prepare(job)
     layout = OutputLayout(job.output)
-    check_manifest(layout, fingerprint(job, classes), job.storage, job.overwrite)
+    manifest = fingerprint(job, classes)
+    check_manifest(layout, manifest, job.storage, job.overwrite)
     lost: list[str] = []  # partial data files removed while the output's ids are read
-    done = DoneIds.load(layout, job.storage, lost)
+    done = DoneIds.joined([]) if job.overwrite else DoneIds.load(layout, job.storage, lost)
     # shard records vouch for rows in the output: not trusted when it has no data (deleted by
     # hand) or just lost a file (whose rows may belong to recorded shards); all are read then
-    read_whole = completed_shards(layout, job.storage) if len(done) and not lost else DoneIds.joined([])
+    if len(done) and not lost:
+        read_whole = completed_shards(layout, job.storage)
+    else:
+        read_whole = DoneIds.joined([])
+        if not job.overwrite:
+            forget_shards(layout, job.storage)
     listing = collect_work(job, done, read_whole)
+    start_output(layout, manifest, job.storage, job.overwrite)
     run_id = new_run_id()
     marks = ShardMarks(layout.reading(run_id)) if listing.shards else None
     try:

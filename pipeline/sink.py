@@ -176,9 +176,16 @@ def data_files(layout: OutputLayout, storage: StorageConfig, run_id: str = "") -
 
 
 def _read_columns(fs: Any, path: str, columns: Sequence[str]) -> pa.Table:
-    """``columns`` of one data file."""
+    """``columns`` of one data file. A file that is not (yet) Parquet raises ArrowInvalid; a
+    Parquet file without these columns is no file of this pipeline: SourceError."""
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=list(columns))
+        parquet = pq.ParquetFile(handle)
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise SourceError(f"{path}: a Parquet file without the column(s) {', '.join(missing)} of this "
+                              "pipeline's output; only the pipeline's own files belong in this folder: move "
+                              "it elsewhere and run again")
+        return parquet.read(columns=list(columns))
 
 
 def error_rows(fs: Any, path: str) -> tuple[int, pa.Table]:
@@ -374,6 +381,16 @@ class ShardMarks:
             log.warning("could not remove %s (%s); it is not used again and can be deleted", self.folder, exc)
 
 
+def forget_shards(layout: OutputLayout, storage: StorageConfig) -> None:
+    """Remove every shard record, when they vouch for rows the output may no longer hold (see
+    :func:`pipeline.runner.run_label_job`): done before any work, so that a run which then
+    fails leaves no record for the next run to trust."""
+    fs, path = filesystem(layout.shards, storage)
+    if fs.exists(path):
+        log.warning("not trusting the shard records in %s: every shard will be read again", path)
+        fs.rm(path, recursive=True)
+
+
 def completed_shards(layout: OutputLayout, storage: StorageConfig) -> DoneIds:
     """The shard versions earlier runs read whole (see :func:`record_shards`), as digests of
     :func:`shard_key`: a shard listed again with the same version is not read again. The
@@ -406,11 +423,8 @@ def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> Non
 
 def check_manifest(layout: OutputLayout, fingerprint: dict[str, Any], storage: StorageConfig,
                    overwrite: bool) -> None:
-    """Refuse to add rows scored differently from the output's existing rows.
-
-    With ``overwrite`` the existing output is removed instead; either way the new
-    manifest is written, before any cluster resource is used.
-    """
+    """Refuse to add rows scored differently from the output's existing rows (unless
+    ``overwrite``: :func:`start_output` then removes them). Changes nothing."""
     existing = read_json(layout.manifest, storage)
     labelled = existing is not None and bool(data_files(layout, storage))
     if labelled and existing != fingerprint and not overwrite:
@@ -419,6 +433,13 @@ def check_manifest(layout: OutputLayout, fingerprint: dict[str, Any], storage: S
         raise ConfigError(
             f"output: {layout.root} was labelled with other settings ({details}). Use a new --output, "
             "or pass --overwrite to relabel everything")
+
+
+def start_output(layout: OutputLayout, fingerprint: dict[str, Any], storage: StorageConfig,
+                 overwrite: bool) -> None:
+    """Write the output's manifest, before any cluster resource is used; with ``overwrite``,
+    first remove the existing rows and records. Called once the inputs are listed, so a
+    wrong input never costs the existing labels."""
     if overwrite:
         fs, path = filesystem(layout.root, storage)
         for sub in ("data", "_lgca"):

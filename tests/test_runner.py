@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ from pipeline.models import load_model
 from pipeline.prompts import load_class_set
 from pipeline.runner import run_label_job
 from pipeline.sink import SCHEMA, OutputLayout, iter_column
+from pipeline.sources import SourceError
 from tests.support import make_tar, encode, upload
 
 CLASSES = "cat,astronaut,coffee,rocket,camera man"
@@ -210,6 +212,10 @@ def test_changed_settings_are_refused_unless_overwrite(ray_cluster, folder, tmp_
     with pytest.raises(ConfigError, match=r"crops.*--overwrite"):
         run_label_job(changed)
     assert read_output(job.output).num_rows == first.ok + first.errors  # nothing touched
+    typo = replace(changed, overwrite=True, inputs=replace(changed.inputs, uris=(str(tmp_path / "typo"),)))
+    with pytest.raises(SourceError, match="typo: no such file"):
+        run_label_job(typo)
+    assert read_output(job.output).num_rows == first.ok + first.errors  # the inputs are listed before removing
     relabelled = run_label_job(LabelJob(**{**changed.__dict__, "overwrite": True}))
     table = read_output(job.output)
     assert table.num_rows == relabelled.ok + relabelled.errors == first.ok + first.errors
@@ -305,7 +311,7 @@ def test_a_shard_cut_short_is_read_again_and_records_without_data_are_ignored(ra
 
 def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp_path, tiny_checkpoint,
                                                                 monkeypatch):
-    from pipeline import runner
+    from pipeline import plan, runner
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -317,6 +323,16 @@ def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp
     (shards / "c.tar").write_bytes(make_tar({"3b.jpg": encode(photos.chelsea())}))
     assert (first.ok, run_label_job(job).ok) == (3, 1)
     first_file.write_bytes(b"PAR1 cut")  # unreadable now: removed by the next run, c.tar's file stays
+    write = plan.write
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped before writing")
+
+    monkeypatch.setattr(plan, "write", fail)  # the run that removes the file fails: the distrust must outlive it
+    with pytest.raises(RuntimeError, match="stopped before writing"):
+        run_label_job(job)
+    assert not first_file.exists()
+    monkeypatch.setattr(plan, "write", write)
     again = run_label_job(job)
     assert (again.ok, again.skipped_shards) == (3, 0)  # the records are ignored, the lost rows labelled again
 
@@ -394,9 +410,13 @@ def test_bad_config_is_rejected_before_ray_starts(tmp_path, tiny_checkpoint, mon
     with pytest.raises(ConfigError, match="not found"):
         run_label_job(make_job([folder], tmp_path / "o", tiny_checkpoint,
                                text=TextConfig(classes="cat,dog", descriptions=str(tmp_path / "nope.json"))))
-    from pipeline.sources import SourceError
     with pytest.raises(SourceError, match="no such file"):
         run_label_job(make_job([tmp_path / "absent"], tmp_path / "o", tiny_checkpoint))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    two_actors = ResourceConfig(actors_min=2, actors_max=2, cpus_per_actor=1)
+    with pytest.raises(ConfigError, match=r"2 actor\(s\) of 1 CPUs leave none of this machine's 2 CPUs.*"
+                                          r"--cpus-per-actor 0.5 or less"):
+        run_label_job(make_job([folder], tmp_path / "o", tiny_checkpoint, resources=two_actors))
 
 
 def test_a_store_error_while_recording_shards_is_logged_not_raised(tmp_path, tiny_checkpoint, caplog):

@@ -15,7 +15,8 @@ from pipeline.config import ConfigError, StorageConfig
 from pipeline.engine import BatchScores
 from pipeline.sources import SourceError
 from pipeline import sink
-from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, completed_shards, error_table, id_digests,
+from pipeline.sink import (SCHEMA, DoneIds, OutputLayout, check_manifest, completed_shards, error_table,
+                           forget_shards, id_digests, start_output,
                            iter_column, record_shards, scored_table, shard_key)
 
 NAMES = ["cat", "dog", "owl"]
@@ -124,14 +125,14 @@ def test_an_output_file_that_cannot_be_fetched_is_kept_and_the_run_stops(tmp_pat
     error says nothing about the file, so it stays and the error names it."""
     write_rows(tmp_path, "r1_a_000000-0.parquet", ["s3://b/1.jpg"])
     write_rows(tmp_path, "r1_a_000001-0.parquet", ["s3://b/2.jpg"])
-    real = pq.read_table
+    real = pq.ParquetFile
 
     def flaky(source, *args, **kwargs):
         if "000001" in getattr(source, "path", str(source)):
             raise ConnectionError("connection reset by peer")
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(sink.pq, "read_table", flaky)
+    monkeypatch.setattr(sink.pq, "ParquetFile", flaky)
     with pytest.raises(SourceError, match="000001-0.parquet: cannot read .*ConnectionError.*nothing was removed"):
         DoneIds.load(OutputLayout(str(tmp_path)), LOCAL)
     assert (tmp_path / "data" / "r1_a_000001-0.parquet").exists()
@@ -147,11 +148,14 @@ def test_done_ids_lookup_across_digest_chunks(monkeypatch):
 def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
     layout = OutputLayout(str(tmp_path))
     check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
+    start_output(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
     write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
     check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)  # same: fine
     with pytest.raises(ConfigError, match=r"scoring: \{'crops': 60\} -> \{'crops': 30\}.*--overwrite"):
         check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=False)
     check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
+    assert (tmp_path / "data" / "r_a_000000-0.parquet").exists()  # checking removes nothing
+    start_output(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
     assert not (tmp_path / "data").exists()
     assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["scoring"] == {"crops": 30}
 
@@ -171,8 +175,21 @@ def test_shards_read_whole_are_recorded_per_run_and_forgotten_on_overwrite(tmp_p
     keys = [shard_key("s3://b/a.tar", "10:e1"), shard_key("s3://b/a.tar", "11:e9"), shard_key("s3://b/c.tar", "30:e3"),
             shard_key("s3://b/d.tar", "10:e1")]
     assert done.contains(keys).tolist() == [True, False, True, False]  # a new version is a new shard
-    check_manifest(layout, {"model": "a"}, LOCAL, overwrite=True)
+    start_output(layout, {"model": "a"}, LOCAL, overwrite=True)
     assert len(completed_shards(layout, LOCAL)) == 0
+    record_shards(layout, LOCAL, "r3", [("s3://b/a.tar", "10:e1")])
+    forget_shards(layout, LOCAL)
+    assert len(completed_shards(layout, LOCAL)) == 0
+    forget_shards(layout, LOCAL)  # nothing recorded: nothing to do
+
+
+def test_a_foreign_parquet_file_in_the_data_folder_is_refused_not_deleted(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
+    pq.write_table(pa.table({"label": ["cat"], "n": [3]}), tmp_path / "data" / "label_counts.parquet")
+    with pytest.raises(SourceError, match=r"label_counts.parquet: a Parquet file without the column\(s\) id.*move it"):
+        DoneIds.load(layout, LOCAL, [])
+    assert (tmp_path / "data" / "label_counts.parquet").exists()
 
 
 def test_a_cut_shard_record_is_removed_and_unversioned_shards_are_not_recorded(tmp_path, caplog):
