@@ -295,7 +295,7 @@ def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:
 
 def run_eval(cfg: EvalConfig, predictions: str = "") -> EvalResult:
     """Evaluate every method on ``cfg.data``; per-image rows go to ``predictions`` when given."""
-    classes = load_class_set(cfg.text, cfg.storage.options_for(cfg.text.classes))
+    classes = load_class_set(cfg.text, cfg.storage)
     samples = list_samples(cfg, classes.names)
     loaded = load_model(cfg.model, cfg.storage.options_for(cfg.model.pretrained))
     engine = Engine.for_classes(loaded, classes, cfg.scoring)

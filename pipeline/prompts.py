@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from pipeline.config import ConfigError, TextConfig
+from pipeline.config import ConfigError, StorageConfig, TextConfig
 
 logger = logging.getLogger(__name__)
 
@@ -335,19 +335,19 @@ def load_descriptions(path: str, names: Sequence[str], fmt: str,
     return tuple(tuple(entries) for entries in lists)
 
 
-def load_class_set(cfg: TextConfig, storage_options: dict | None = None) -> ClassSet:
+def load_class_set(cfg: TextConfig, storage: StorageConfig = StorageConfig()) -> ClassSet:
     """Read the class list, templates and descriptions that ``cfg`` names.
 
     No templates file gives DEFAULT_TEMPLATES; no descriptions file gives every class an
-    empty description list. ``storage_options`` go to ``fsspec.open`` for every file.
+    empty description list. Each file is opened with ``storage``'s options for its own URI.
     """
-    names = parse_class_list(cfg.classes, storage_options)
+    names = parse_class_list(cfg.classes, storage.options_for(cfg.classes))
     templates = DEFAULT_TEMPLATES
     if cfg.templates:
-        templates = load_templates(cfg.templates, storage_options)
+        templates = load_templates(cfg.templates, storage.options_for(cfg.templates))
     if cfg.descriptions:
         descriptions = load_descriptions(cfg.descriptions, names, cfg.descriptions_format,
-                                         storage_options)
+                                         storage.options_for(cfg.descriptions))
     else:
         descriptions = tuple(() for _ in names)
     return ClassSet(names=names, templates=templates, descriptions=descriptions)

@@ -9,7 +9,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.config import ConfigError, TextConfig
+from pipeline.config import ConfigError, StorageConfig, TextConfig
 from pipeline.prompts import (
     DEFAULT_TEMPLATES,
     ClassSet,
@@ -20,6 +20,7 @@ from pipeline.prompts import (
     make_descriptor_sentence,
     parse_class_list,
 )
+from tests.support import upload
 
 DESCRIPTIONS = Path(__file__).resolve().parents[2] / "shared" / "descriptions"
 CLASS_COUNTS = {"cub": 200, "dtd": 47, "eurosat": 10, "food101": 101, "oxford_pet": 37}
@@ -359,3 +360,13 @@ def test_class_set_validates_itself():
         ClassSet(names=("cat",), templates=("a photo",), descriptions=((),))
     with pytest.raises(ConfigError, match="no classes"):
         ClassSet(names=(), templates=DEFAULT_TEMPLATES, descriptions=())
+
+
+def test_each_text_file_is_read_with_the_storage_options_of_its_own_uri(moto_endpoint, bucket):
+    """Inline classes with descriptions and templates on S3: the endpoint must reach them too."""
+    upload(moto_endpoint, bucket, {"cupl.json": json.dumps({"cat": ["a small furry pet"], "dog": ["a loyal pet"]}).encode(),
+                                   "templates.json": json.dumps(["a photo of the {}."]).encode()})
+    cfg = TextConfig(classes="cat,dog", descriptions=f"s3://{bucket}/cupl.json", templates=f"s3://{bucket}/templates.json")
+    classes = load_class_set(cfg, StorageConfig(endpoint_url=moto_endpoint))
+    assert classes.descriptions == (("a small furry pet",), ("a loyal pet",))
+    assert classes.templates == ("a photo of the {}.",)
