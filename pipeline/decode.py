@@ -9,8 +9,11 @@ Rules applied to every image
 ----------------------------
 * Size limit: ``width * height`` of the original image is checked right after
   ``Image.open`` (which reads only the header), before any pixel is decoded.
-* EXIF orientation is applied (``ImageOps.exif_transpose``); ``width`` and
-  ``height`` are the original size *after* orientation.
+* EXIF (or XMP) orientation is applied with the transposes of
+  ``ImageOps.exif_transpose``, without re-writing the EXIF block, so a
+  malformed tag elsewhere in it cannot fail the image; an unreadable EXIF
+  block counts as no orientation. ``width`` and ``height`` are the original
+  size *after* orientation.
 * Animated GIF / WebP / multi-page TIFF: the first frame.
 * Colour: every supported mode becomes 8-bit RGB. Images with an alpha
   channel (RGBA, LA, PA, premultiplied modes) or a ``transparency`` entry
@@ -43,7 +46,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from .config import DEFAULT_MAX_PIXELS, ConfigError, ScoringParams
 
@@ -56,6 +59,18 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _RESIZE_REDUCING_GAP = 3.0  # Pillow: 3.0 is visually indistinguishable from a plain resize
 # Errors Pillow and its codecs raise on corrupt, truncated or unsupported data.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
+# EXIF orientation -> the transpose that shows the stored raster upright (as in ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# round(v / 257) for every 16-bit sample v, as a lookup table (indexing it needs no wide temporaries).
+_SIXTEEN_TO_EIGHT_BITS = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -150,16 +165,26 @@ def _decode_opened(img: Image.Image, limits: DecodeLimits) -> Decoded:
     if target != (stored_w, stored_h):
         img.draft("RGB", target)  # JPEG only: DCT-domain downscale, keeps both sides >= target
     img.load()
-    loaded_size = img.size
-    ImageOps.exif_transpose(img, in_place=True)
+    oriented = _oriented(img)
     width, height = stored_w, stored_h
-    if img.size != loaded_size:  # orientation 5-8 swapped the axes
+    if oriented.size != img.size:  # orientation 5-8 swapped the axes
         width, height = stored_h, stored_w
         target = (target[1], target[0])
-    rgb = to_rgb(img)
+    rgb = to_rgb(oriented)
     if rgb.size != target:
         rgb = rgb.resize(target, Image.BICUBIC, reducing_gap=_RESIZE_REDUCING_GAP)
     return Decoded(pixels=np.asarray(rgb, dtype=np.uint8), width=width, height=height, error=None)
+
+
+def _oriented(img: Image.Image) -> Image.Image:
+    """``img`` transposed to display upright for its orientation tag; ``img`` itself when
+    the tag is absent, 1, unknown, or the EXIF block cannot be parsed."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation)
+    except _DECODE_ERRORS:  # e.g. SyntaxError "not a TIFF file" for a garbled eXIf chunk
+        return img
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -191,11 +216,10 @@ def _sixteen_to_eight_bits(values: np.ndarray) -> np.ndarray:
     ``values`` is a 2-D integer array (uint16 or Pillow's int32 ``I`` mode);
     samples outside 0..65535 have no defined 8-bit value and raise.
     """
-    wide = values.astype(np.int64)
-    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+    if values.size and (values.min() < 0 or values.max() > 65535):
         raise _UnsupportedImage(
-            f"32-bit integer image with values {wide.min()}..{wide.max()} outside the 16-bit range 0..65535")
-    return ((wide + 128) // 257).astype(np.uint8)
+            f"32-bit integer image with values {values.min()}..{values.max()} outside the 16-bit range 0..65535")
+    return _SIXTEEN_TO_EIGHT_BITS[values]
 
 
 def pixels_array(pixels: bytes, work_h: int, work_w: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from skimage import data as photos
 
 from pipeline.config import ConfigError
@@ -127,6 +127,46 @@ def test_exif_orientation_with_jpeg_draft_and_cap():
     assert rotated_wrongly.shape != decoded.pixels.shape
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_matches_pillow_exif_transpose(orientation):
+    stored = np.ascontiguousarray(photos.coffee()[:300, :451])  # not square: 5-8 swap the axes
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    decoded = decode_image(data, NO_CAP)
+    assert (decoded.width, decoded.height) == expected.size
+    np.testing.assert_array_equal(decoded.pixels, np.asarray(expected))
+
+
+def exif_with_text_resolution(orientation: int) -> bytes:
+    """A raw big-endian EXIF block: XResolution (a RATIONAL tag) stored as ASCII "72", and Orientation.
+
+    Pillow reads it, but raises TypeError when it writes it back (as ``ImageOps.exif_transpose`` does).
+    """
+    x_resolution = struct.pack(">HHI", 0x011A, 2, 3) + b"72\0\0"
+    orientation_tag = struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    return b"Exif\0\0MM\0*" + struct.pack(">IH", 8, 2) + x_resolution + orientation_tag + struct.pack(">I", 0)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_orientation_is_applied_despite_a_mistyped_exif_tag(fmt):
+    displayed = photos.coffee()  # 400 high, 600 wide
+    data = encode(np.ascontiguousarray(np.rot90(displayed, k=1)), fmt, exif=exif_with_text_resolution(6))
+    out = decode_batch({"id": ["x"], "uri": ["x.img"], "bytes": [data]}, NO_CAP)
+    assert out["error"] == [None]
+    assert (out["width"][0], out["height"][0]) == (600, 400)
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # equals rot90(displayed) for PNG
+    np.testing.assert_array_equal(pixels_array(out["pixels"][0], 400, 600), np.rot90(stored, k=-1))
+
+
+def test_unreadable_exif_block_means_no_orientation():
+    stored = photos.coffee()
+    decoded = decode_image(encode(stored, "PNG", exif=b"Exif\0\0garbage!"), NO_CAP)
+    assert decoded.error is None
+    np.testing.assert_array_equal(decoded.pixels, stored)
+
+
 def test_cmyk_jpeg_colours_match_the_rgb_original():
     rocket = photos.rocket()
     cmyk = Image.fromarray(rocket).convert("CMYK")
@@ -141,6 +181,12 @@ def test_sixteen_bit_grayscale_png_is_scaled_not_clipped():
     assert decoded.error is None
     np.testing.assert_array_equal(decoded.pixels[0, :, 0], [0, 1, 4, 128, 255])
     np.testing.assert_array_equal(decoded.pixels[..., 0], decoded.pixels[..., 2])
+
+
+def test_every_sixteen_bit_value_maps_to_round_v_over_257():
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    decoded = decode_image(encode(values, "PNG"), NO_CAP)
+    np.testing.assert_array_equal(decoded.pixels[..., 1], np.floor(values / 257 + 0.5))
 
 
 def test_thirty_two_bit_integer_images():
