@@ -18,11 +18,13 @@ Every reader produces columnar batches with the same columns:
   ``"tar: <ExceptionType>: <message>"`` (a shard is unreadable or corrupt; one
   row with id ``"<tar uri>#"`` after the members read before the damage),
   ``"parquet: <ExceptionType>: <message>"`` (same for a Parquet file, id
-  ``"<parquet uri>#"``), ``"parquet: null image in column '<name>'"`` and
-  ``"parquet: null id in column '<name>'"`` (per row).
+  ``"<parquet uri>#"``; also ``"parquet: column '<name>' not found; ..."`` and
+  the like where a file lacks a named column), ``"parquet: null image in column
+  '<name>'"`` and ``"parquet: null id in column '<name>'"`` (per row), ``"tar:
+  member is a hard link to <name>; ..."`` (per linked image member).
 
-Problems with the request itself (nothing matches, a named Parquet column is
-missing) raise :class:`SourceError` with the URI and what to do.
+Problems with the request itself (nothing matches) raise :class:`SourceError`
+with the URI and what to do.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ from fsspec.implementations.local import LocalFileSystem
 from .config import StorageConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SHARD_EXTENSIONS = {"tar": (".tar",), "parquet": (".parquet",)}
+SHARD_EXTENSIONS = {"tar": (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"), "parquet": (".parquet",)}
 ROW_COLUMNS = ("id", "uri", "bytes", "error")
 _GLOB_CHARS = ("*", "?", "[")
+_KIND_NAMES = {"files": "image files", "tar": "tar shards", "parquet": "Parquet files"}
 
 
 class SourceError(ValueError):
@@ -50,8 +53,15 @@ class SourceError(ValueError):
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem serving ``uri`` and the path on it (protocol stripped; absolute for local)."""
-    return fsspec.core.url_to_fs(uri, **storage.options_for(uri))
+    """The filesystem serving ``uri`` and the path on it (protocol stripped; absolute for local).
+
+    ``::`` is part of a name here, not an fsspec URL chain: ``s3://b/c::d.jpg`` is that object.
+    fsspec keeps one filesystem per protocol and options, so calls are cheap.
+    """
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    options = {**fsspec.get_filesystem_class(protocol)._get_kwargs_from_urls(uri), **storage.storage_options(protocol)}
+    fs = fsspec.filesystem(protocol, **options)
+    return fs, fs._strip_protocol(uri)
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -64,7 +74,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def detect_kind(uri: str) -> str:
-    """'tar' for ``*.tar``, 'parquet' for ``*.parquet`` (files or globs), else 'files'."""
+    """'tar' or 'parquet' for names ending in :data:`SHARD_EXTENSIONS` (files or globs), else 'files'."""
     lowered = uri.rstrip("/").lower()
     for kind, extensions in SHARD_EXTENSIONS.items():
         if lowered.endswith(extensions):
@@ -82,17 +92,31 @@ def _target_info(fs: fsspec.AbstractFileSystem, name: str, info: dict) -> dict:
 
 
 def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]:
-    """The files at ``path`` (a file, a folder or prefix searched recursively, or a glob) and
-    fsspec's listing record of each."""
-    if any(char in path for char in _GLOB_CHARS):
-        return {name: info for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"}
+    """The files at ``path`` (a file, a folder or prefix searched recursively, or else a glob) and
+    fsspec's listing record of each. A path that exists is taken literally (``photos [2020]``)."""
     if fs.isfile(path):
         return {path: fs.info(path)}
     if fs.isdir(path):
         found = fs.find(path, detail=True)
         # a local symlink is listed with the link's own time; its target's tells a rewrite
         return {name: _target_info(fs, name, info) if info.get("islink") else info for name, info in found.items()}
+    if any(char in path for char in _GLOB_CHARS):
+        return {name: info for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"}
     raise SourceError(f"{uri}: no such file, folder or prefix")
+
+
+def _other_formats(fs: fsspec.AbstractFileSystem, names: list[str], extensions: tuple[str, ...]) -> str:
+    """For a listing without the files looked for: the files in it that another ``--input-format``
+    reads (up to 3 named a kind) and that option, as the end of a message; '' where there are none."""
+    held = {}
+    for kind, kind_extensions in {"files": IMAGE_EXTENSIONS, **SHARD_EXTENSIONS}.items():
+        matching = sorted(name for name in names if name.lower().endswith(kind_extensions))
+        if kind_extensions != extensions and matching:
+            shown = ", ".join(full_uri(fs, name) for name in matching[:3]) + (", ..." if len(matching) > 3 else "")
+            held[kind] = f"{_KIND_NAMES[kind]} ({len(matching)}: {shown})"
+    if not held:
+        return ""
+    return f"; it holds {' and '.join(held.values())}: pass --input-format {' or '.join(held)}"
 
 
 def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...], what: str,
@@ -108,14 +132,13 @@ def _list_matching(uri: str, storage: StorageConfig, extensions: tuple[str, ...]
         found = _find(fs, path, uri)
     finally:
         fs.invalidate_cache()  # s3fs keeps an info dict per listed object (~3 KB) for the process's life
-    listed = len(found)
     matching = [(full_uri(fs, name), file_version(info) if versions else None) for name, info in found.items()
                 if name.lower().endswith(extensions)]
-    del found  # the listing records (several hundred bytes a file) are not kept while sorting
-    matching.sort(key=lambda pair: pair[0])
     if not matching:
         raise SourceError(f"{uri}: no {what} found (looked for names ending in {', '.join(extensions)}, "
-                          f"any case, among {listed} files)")
+                          f"any case, among {len(found)} files){_other_formats(fs, list(found), extensions)}")
+    del found  # the listing records (several hundred bytes a file) are not kept while sorting
+    matching.sort(key=lambda pair: pair[0])
     return matching
 
 
@@ -196,18 +219,28 @@ def iter_tar_members(tar_uri: str, storage: StorageConfig) -> Iterator[dict]:
 
     Members are read in archive order with ``tarfile`` in stream mode
     (``r|*``, so gzip/bz2/xz shards work too); non-image members such as
-    ``000001.json`` are skipped. An unreadable or corrupt shard ends with one
-    error row ``{'id': '<tar uri>#', 'error': 'tar: ...'}`` after the members
-    read so far. A shard cut exactly at a member boundary cannot be told
-    from a complete one by ``tarfile``.
+    ``000001.json`` are skipped. A hard or symbolic link named like an image
+    gets an error row: stream mode cannot go back for the member it names.
+    An unreadable or corrupt shard ends with one error row
+    ``{'id': '<tar uri>#', 'error': 'tar: ...'}`` after the members read so
+    far. A shard cut exactly at a member boundary cannot be told from a
+    complete one by ``tarfile``.
     """
     fs, path = filesystem(tar_uri, storage)
     try:
         with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
             for member in archive:
-                if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
-                    data = archive.extractfile(member).read()  # type: ignore[union-attr]
-                    yield {"id": f"{tar_uri}#{member.name}", "uri": tar_uri, "bytes": data, "error": None}
+                if not member.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                row = {"id": f"{tar_uri}#{member.name}", "uri": tar_uri, "bytes": None, "error": None}
+                if member.isfile():
+                    row["bytes"] = archive.extractfile(member).read()  # type: ignore[union-attr]
+                elif member.islnk() or member.issym():
+                    link = "hard link" if member.islnk() else "symbolic link"
+                    row["error"] = f"tar: member is a {link} to {member.linkname}; store the file itself"
+                else:
+                    continue  # a folder or device named like an image holds none
+                yield row
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         yield {"id": f"{tar_uri}#", "uri": tar_uri, "bytes": None, "error": f"tar: {_describe(exc)}"}
 
@@ -217,18 +250,32 @@ def _is_binary(data_type: pa.DataType) -> bool:
             or pa.types.is_fixed_size_binary(data_type) or pa.types.is_binary_view(data_type))
 
 
-def _check_parquet_columns(uri: str, schema: pa.Schema, image_column: str, id_column: str) -> list[str]:
-    """The columns to read; raises SourceError for a missing or wrongly typed column."""
-    wanted = [image_column] + ([id_column] if id_column else [])
-    for name in wanted:
-        if name not in schema.names:
-            raise SourceError(f"{uri}: column {name!r} not found; available: {', '.join(schema.names)}")
+_COLUMN_FIXES = {"image": "pass --image-column with the column of image bytes",
+                 "id": "pass --id-column with the column of image ids, or --id-column '' to number rows by "
+                       "file and position"}
+
+
+def _column_problem(schema: pa.Schema, image_column: str, id_column: str) -> str | None:
+    """Why a file with ``schema`` cannot be read with these columns (a missing or wrongly typed
+    column, and what to pass), or None."""
+    for role, name in (("image", image_column), ("id", id_column)):
+        if name and name not in schema.names:
+            return f"column {name!r} not found; available: {', '.join(schema.names)}; {_COLUMN_FIXES[role]}"
     image_type = schema.field(image_column).type
     is_struct_with_bytes = pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
     if not (_is_binary(image_type) or is_struct_with_bytes):
-        raise SourceError(f"{uri}: image column {image_column!r} has type {image_type}; "
-                          "expected binary or a struct with a 'bytes' field")
-    return wanted
+        return f"image column {image_column!r} has type {image_type}; expected binary or a struct with a 'bytes' field"
+    return None
+
+
+def _id_text(key: object) -> str:
+    """An id column value as text; bytes as UTF-8, or as hex where they are not UTF-8."""
+    if isinstance(key, bytes):
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            return key.hex()
+    return str(key)
 
 
 def _parquet_batch(uri: str, record_batch: pa.RecordBatch, image_column: str, id_column: str,
@@ -241,7 +288,7 @@ def _parquet_batch(uri: str, record_batch: pa.RecordBatch, image_column: str, id
     keys = record_batch.column(id_column).to_pylist() if id_column else [None] * len(blobs)
     columns = _empty_columns()
     for offset, (key, blob) in enumerate(zip(keys, blobs)):
-        row_id, error = (str(key) if key is not None else f"{uri}#{first_row + offset}"), None
+        row_id, error = (_id_text(key) if key is not None else f"{uri}#{first_row + offset}"), None
         if id_column and key is None:
             error = f"parquet: null id in column {id_column!r}"
         elif blob is None:
@@ -255,10 +302,11 @@ def iter_parquet_rows(uri: str, storage: StorageConfig, image_column: str = "ima
     """Stream a Parquet file as columnar batches of up to ``batch_rows`` rows.
 
     ``image_column`` is binary, or a struct with a ``bytes`` field (Hugging
-    Face ``datasets`` Image). ``id_column`` values become ids (as str); with
-    ``id_column=''`` ids are ``"<uri>#<row number>"``. A missing column raises
-    :class:`SourceError`; an unreadable or corrupt file yields one
-    ``parquet:`` error row with id ``"<uri>#"`` after the rows read so far.
+    Face ``datasets`` Image). ``id_column`` values become ids (as str, bytes
+    decoded by :func:`_id_text`); with ``id_column=''`` ids are
+    ``"<uri>#<row number>"``. A file lacking a named column, or unreadable or
+    corrupt, yields one ``parquet:`` error row with id ``"<uri>#"`` after the
+    rows read so far, so one odd file does not stop a run.
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
@@ -266,7 +314,11 @@ def iter_parquet_rows(uri: str, storage: StorageConfig, image_column: str = "ima
     try:
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
-            columns = _check_parquet_columns(uri, parquet.schema_arrow, image_column, id_column)
+            problem = _column_problem(parquet.schema_arrow, image_column, id_column)
+            if problem:
+                yield {"id": [f"{uri}#"], "uri": [uri], "bytes": [None], "error": [f"parquet: {problem}"]}
+                return
+            columns = [image_column] + ([id_column] if id_column else [])
             first_row = 0
             for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
                 yield _parquet_batch(uri, record_batch, image_column, id_column, first_row)

@@ -96,8 +96,36 @@ def test_listing_errors_name_the_uri(tree):
         list_image_files(str(tree / "*.gif"), LOCAL)
 
 
+def test_paths_with_glob_characters_that_exist_are_taken_literally(tmp_path, images):
+    folder = tmp_path / "photos [2020]"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(images["cat"])
+    (folder / "b*.jpg").write_bytes(images["coffee"])
+    (tmp_path / "a.jpg").write_bytes(images["rocket"])  # what "photos [2020]" as a glob would not match either
+    assert list(list_image_files(str(folder), LOCAL)) == [str(folder / "a.jpg"), str(folder / "b*.jpg")]
+    assert list(list_image_files(str(folder / "b*.jpg"), LOCAL)) == [str(folder / "b*.jpg")]
+    assert list(list_image_files(str(tmp_path / "*.jpg"), LOCAL)) == [str(tmp_path / "a.jpg")]  # still a glob
+
+
+def test_names_with_double_colons_are_names_not_url_chains(tmp_path, images):
+    photo, shard, table = tmp_path / "c::d.jpg", tmp_path / "s::1.tar", tmp_path / "t::1.parquet"
+    photo.write_bytes(images["cat"])
+    shard.write_bytes(make_tar({"x::y.jpg": images["coffee"]}))
+    pq.write_table(pa.table({"id": ["r"], "image": [images["rocket"]]}), str(table))
+    listed = list(list_image_files(str(tmp_path), LOCAL))
+    assert listed == [str(photo)]
+    assert read_files_batch({"uri": listed}, LOCAL) == {"id": listed, "uri": listed, "bytes": [images["cat"]],
+                                                        "error": [None]}
+    assert [(row["id"], row["bytes"]) for row in iter_tar_members(str(shard), LOCAL)] == [
+        (f"{shard}#x::y.jpg", images["coffee"])]
+    assert parquet_columns([str(table)], LOCAL)["bytes"] == [images["rocket"]]
+
+
 def test_detect_kind():
     assert detect_kind("s3://bucket/shards/000001.tar") == "tar"
+    for name in ("a.tar.gz", "a.TGZ", "a.tar.bz2", "a.tar.xz"):
+        assert detect_kind(f"/data/shards/{name}") == "tar"
+    assert detect_kind("/data/shards/*.tar.gz") == "tar"
     assert detect_kind("/data/shards/*.TAR") == "tar"
     assert detect_kind("s3://bucket/table/part-0.parquet") == "parquet"
     assert detect_kind("s3://bucket/photos/") == "files"
@@ -186,6 +214,17 @@ def test_s3_endpoint_from_environment(moto_endpoint, bucket, images, monkeypatch
     assert out["bytes"] == [images["cat"]]
 
 
+def test_s3_names_with_double_colons_are_read(moto_endpoint, bucket, images):
+    storage = StorageConfig(endpoint_url=moto_endpoint)
+    upload(moto_endpoint, bucket, {"p/c::d.jpg": images["cat"], "p/s::1.tar": make_tar({"m.jpg": images["rocket"]})})
+    listed = list(list_image_files(f"s3://{bucket}/p", storage))
+    assert listed == [f"s3://{bucket}/p/c::d.jpg"]
+    out = read_files_batch({"uri": listed}, storage)
+    assert (out["bytes"], out["error"]) == ([images["cat"]], [None])
+    shards = list_shards(f"s3://{bucket}/p", "tar", storage)
+    assert tar_columns(shards, storage)["bytes"] == [images["rocket"]]
+
+
 def test_s3_filesystem_and_missing_prefix(moto_endpoint, bucket):
     fs, path = filesystem(f"s3://{bucket}/photos/a.jpg", StorageConfig(endpoint_url=moto_endpoint))
     assert (fs.protocol[0], path) == ("s3", f"{bucket}/photos/a.jpg")
@@ -238,6 +277,63 @@ def test_unreadable_tars_become_error_rows(tmp_path):
     assert len(rows) == 1 and rows[0]["id"] == f"{garbage}#" and rows[0]["error"].startswith("tar: ReadError")
     missing = list(iter_tar_members(str(tmp_path / "missing.tar"), LOCAL))
     assert missing[0]["error"].startswith("tar: FileNotFoundError")
+
+
+def write_tar(path, members: dict[str, bytes], mode: str = "w") -> str:
+    """A tar shard at ``path`` in ``mode`` ('w:gz', 'w:bz2', 'w:xz' compress it)."""
+    with tarfile.open(path, mode) as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def test_compressed_tar_shards_are_listed_and_read(tmp_path, images):
+    modes = {"a.tar": "w", "b.tar.gz": "w:gz", "c.tgz": "w:gz", "d.tar.bz2": "w:bz2", "e.TAR.XZ": "w:xz"}
+    shards = [write_tar(tmp_path / name, {f"{name}.jpg": images["cat"]}, mode) for name, mode in modes.items()]
+    (tmp_path / "f.gz").write_bytes(b"not a shard")
+    assert list_shards(str(tmp_path), "tar", LOCAL) == shards
+    assert list_shards(str(tmp_path / "*.tar.gz"), "tar", LOCAL) == [shards[1]]
+    out = tar_columns(shards, LOCAL)
+    assert out["id"] == [f"{shard}#{name}.jpg" for shard, name in zip(shards, modes)]
+    assert out["bytes"] == [images["cat"]] * 5 and out["error"] == [None] * 5
+
+
+def test_a_search_that_finds_only_other_formats_names_them_and_the_option(tmp_path, images):
+    write_tar(tmp_path / "s1.tar.gz", {"k.jpg": images["cat"]}, "w:gz")
+    write_tar(tmp_path / "s0.tar", {"k.jpg": images["cat"]})
+    pq.write_table(pa.table({"image": [images["cat"]]}), str(tmp_path / "t.parquet"))
+    with pytest.raises(SourceError) as raised:
+        list_image_files(str(tmp_path), LOCAL)
+    assert str(raised.value) == (
+        f"{tmp_path}: no image files found (looked for names ending in .jpg, .jpeg, .png, .webp, .bmp, .gif, "
+        f".tif, .tiff, any case, among 3 files); it holds tar shards (2: {tmp_path}/s0.tar, {tmp_path}/s1.tar.gz) "
+        f"and Parquet files (1: {tmp_path}/t.parquet): pass --input-format tar or parquet")
+    for name in ("a.jpg", "b.png", "c.gif", "d.bmp"):
+        (tmp_path / "photos" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "photos" / name).write_bytes(images["cat"])
+    with pytest.raises(SourceError, match=r"among 4 files\); it holds image files \(4: .*/photos/a\.jpg, "
+                                          r".*/photos/b\.png, .*/photos/c\.gif, \.\.\.\): pass --input-format files$"):
+        list_shards(str(tmp_path / "photos"), "tar", LOCAL)
+
+
+def test_linked_image_members_become_error_rows(tmp_path, images):
+    shard = tmp_path / "links.tar"
+    with tarfile.open(shard, "w") as archive:
+        info = tarfile.TarInfo("x.jpg")
+        info.size = len(images["cat"])
+        archive.addfile(info, io.BytesIO(images["cat"]))
+        for name, kind in (("y.jpg", tarfile.LNKTYPE), ("z.JPG", tarfile.SYMTYPE), ("y.json", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "x.jpg"
+            archive.addfile(link)
+    rows = list(iter_tar_members(str(shard), LOCAL))
+    assert [(row["id"], row["bytes"], row["error"]) for row in rows] == [
+        (f"{shard}#x.jpg", images["cat"], None),
+        (f"{shard}#y.jpg", None, "tar: member is a hard link to x.jpg; store the file itself"),
+        (f"{shard}#z.JPG", None, "tar: member is a symbolic link to x.jpg; store the file itself")]
+    assert {row["uri"] for row in rows} == {str(shard)}
 
 
 def tar_columns(shards: list[str], storage: StorageConfig) -> dict[str, list]:
@@ -351,14 +447,27 @@ def test_parquet_without_id_column_uses_row_numbers(tmp_path, images):
     assert out["uri"] == [first] * 4 + [second]
 
 
-def test_parquet_missing_or_wrong_column_is_a_source_error(tmp_path):
+def test_parquet_missing_or_wrong_column_is_an_error_row_for_the_file(tmp_path):
     uri = write_parquet(tmp_path / "t.parquet", pa.table({"img": [b"x"], "name": ["a"], "path": ["p.jpg"]}))
-    with pytest.raises(SourceError, match="column 'image' not found; available: img, name, path"):
-        next(iter_parquet_rows(uri, LOCAL, image_column="image", id_column="name"))
-    with pytest.raises(SourceError, match="column 'id' not found; available: img, name, path"):
-        next(iter_parquet_rows(uri, LOCAL, image_column="img"))
-    with pytest.raises(SourceError, match="image column 'path' has type string"):
-        next(iter_parquet_rows(uri, LOCAL, image_column="path", id_column="name"))
+
+    def rows(**columns: str) -> list[tuple]:
+        return [(i, b, e) for part in iter_parquet_rows(uri, LOCAL, **columns)
+                for i, b, e in zip(part["id"], part["bytes"], part["error"])]
+
+    assert rows(image_column="image", id_column="name") == [(f"{uri}#", None, (
+        "parquet: column 'image' not found; available: img, name, path; "
+        "pass --image-column with the column of image bytes"))]
+    assert rows(image_column="img") == [(f"{uri}#", None, (
+        "parquet: column 'id' not found; available: img, name, path; pass --id-column with the column of "
+        "image ids, or --id-column '' to number rows by file and position"))]
+    assert rows(image_column="path", id_column="name") == [(f"{uri}#", None, (
+        "parquet: image column 'path' has type string; expected binary or a struct with a 'bytes' field"))]
+
+
+def test_parquet_binary_ids_become_text(tmp_path, images):
+    keys = pa.array([b"abc", "\u00e9t\u00e9".encode(), b"\xff\x00"], pa.binary())
+    uri = write_parquet(tmp_path / "b.parquet", pa.table({"key": keys, "image": [images["cat"]] * 3}))
+    assert parquet_columns([uri], LOCAL, id_column="key")["id"] == ["abc", "\u00e9t\u00e9", "ff00"]
 
 
 def test_corrupt_parquet_is_an_error_row(tmp_path):
