@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 
 import fsspec
 from dataclasses import dataclass
@@ -264,9 +265,17 @@ class LabelJob:
 
     def __post_init__(self) -> None:
         _require(bool(self.output.strip()), "output", "give the folder or prefix to write labels to")
-        _require(all(c.isalnum() or c in "-_." for c in self.name), "name",
-                 f"{self.name!r} may hold only letters, digits, '-', '_' and '.'")
+        _require(fsspec.utils.get_protocol(self.output) in ("file", "local")
+                 or not any(char in self.output for char in "*?["), "output",
+                 f"{self.output!r} holds a glob character (* ? [), which object-store deletes (--overwrite, "
+                 "partial files, shard records) would expand, removing other prefixes; use an output without them")
+        _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) is not None, "name",
+                 f"{self.name!r} must start with a letter or digit and hold only ASCII letters, digits, "
+                 "'-', '_' and '.' (it starts the Ray submission id), for example lgca-pets")
         gpu = self.resources.gpus_per_actor > 0
+        _require(not (gpu and self.model.device == "cpu"), "gpus_per_actor",
+                 f"{self.resources.gpus_per_actor:g} with device cpu reserves GPUs the model never uses; "
+                 "use --gpus-per-actor 0 or --device cuda/auto")
         _require(gpu or self.model.precision != "fp16", "precision",
                  "fp16 needs GPUs: set gpus_per_actor > 0, or use fp32 or bf16 on CPUs")
         _require(gpu or not self.model.device.startswith("cuda"), "device",

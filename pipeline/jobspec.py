@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import fsspec
 import yaml
@@ -24,18 +24,9 @@ class Option:
     flag: str  # the command-line flag without dashes, also the YAML key
     section: str  # LabelJob field holding the config object ('' for LabelJob itself)
     field: str  # field name inside that section
-    kind: Callable[[Any], Any] = str
+    kind: type = str  # str, int, float, or bool for an on/off flag (a flag without a value)
     help: str = ""
     multiple: bool = False  # may be given several times (a YAML list)
-
-
-def _flag(value: Any) -> bool:
-    """A YAML or flag boolean; only real booleans and 'true'/'false' words are accepted."""
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "false"):
-        return str(value).lower() == "true"
-    raise ConfigError(f"expected true or false, got {value!r}")
 
 
 OPTIONS = (
@@ -77,10 +68,10 @@ OPTIONS = (
            "torch threads per model actor (default: its CPUs)"),
     Option("max-pixels", "resources", "max_pixels", int, "larger images become error rows"),
     Option("endpoint-url", "storage", "endpoint_url", help="S3-compatible endpoint URL"),
-    Option("anon", "storage", "anon", _flag, "anonymous object-storage access"),
+    Option("anon", "storage", "anon", bool, "anonymous object-storage access"),
     Option("profile", "storage", "profile", help="AWS profile"),
     Option("region", "storage", "region", help="AWS region"),
-    Option("overwrite", "", "overwrite", _flag, "relabel everything, replacing the output"),
+    Option("overwrite", "", "overwrite", bool, "relabel everything, replacing the output"),
     Option("address", "", "address", help="Ray address (default: RAY_ADDRESS or a local Ray)"),
     Option("name", "", "name", help="job name"),
 )
@@ -95,7 +86,7 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every job option as a flag; unset flags stay ``None`` so the YAML file can fill them."""
     parser.add_argument("--config", help="YAML job file; flags given here win over it")
     for option in OPTIONS:
-        if option.kind is _flag:
+        if option.kind is bool:
             parser.add_argument(f"--{option.flag}", action="store_const", const=True, default=None,
                                 help=option.help)
         else:
@@ -108,7 +99,7 @@ def add_option_arguments(parser: argparse.ArgumentParser, flags: Sequence[str], 
     flags stay ``None`` (read them back with :func:`given_options`)."""
     for flag in flags:
         option = BY_KEY[flag]
-        if option.kind is _flag:
+        if option.kind is bool:
             parser.add_argument(f"--{flag}", action="store_const", const=True, default=None, help=option.help)
         else:
             parser.add_argument(f"--{flag}", type=option.kind, required=flag in required, help=option.help)
@@ -125,24 +116,42 @@ def given_options(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, d
     return sections
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key, _ in node.value:
+            spelled = (key.tag, key.value) if isinstance(key, yaml.ScalarNode) else id(key)
+            if spelled in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key.value!r} is given twice; keep one",
+                                                        key.start_mark)
+            seen.add(spelled)
+        return super().construct_mapping(node, deep)
+
+
 def read_job_file(uri: str) -> dict[str, Any]:
-    """Read a YAML job file into ``{flag: value}``; unknown keys are errors."""
+    """Read a YAML job file into ``{flag: value}``; unknown, repeated and empty keys are errors."""
     try:
         with fsspec.open(uri, "r") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config: job file {uri} not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {uri} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {uri} must hold a mapping of option: value, got {type(data).__name__}")
-    options = {}
+    keys: dict[str, Any] = {}  # flag -> the key that gives it
     for key, value in data.items():
         flag = str(key).replace("_", "-")
         if flag not in BY_KEY:
             raise ConfigError(f"config: unknown key {key!r} in {uri}; known keys: {', '.join(BY_KEY)}")
-        options[flag] = value
-    return options
+        if flag in keys:
+            raise ConfigError(f"config: {keys[flag]!r} and {key!r} in {uri} both give {flag}; keep one")
+        if value is None:
+            raise ConfigError(f"config: job file key {key!r} is empty; give a value or remove the key")
+        keys[flag] = key
+    return {flag: data[key] for flag, key in keys.items()}
 
 
 def merge_options(file_options: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
@@ -153,15 +162,28 @@ def merge_options(file_options: dict[str, Any], flags: dict[str, Any]) -> dict[s
     return merged
 
 
+# Per option kind: the types a value may have (a flag's is a string; a YAML value keeps its
+# own type) and what an error says is expected. A bool is an int in Python: refused apart.
+ACCEPTED = {str: ((str,), "a string"), int: ((str, int), "a whole number"),
+            float: ((str, int, float), "a number"), bool: ((bool,), "true or false")}
+
+
+def _convert_one(option: Option, value: Any) -> Any:
+    """One value in the option's type; a value of another type is refused, never forced into it."""
+    types, expected = ACCEPTED[option.kind]
+    if isinstance(value, types) and (option.kind is bool or not isinstance(value, bool)):
+        try:
+            return option.kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{option.flag}: {value!r} is not valid; expected {expected} for {option.help}")
+
+
 def _convert(option: Option, value: Any) -> Any:
-    """Convert a flag string or YAML value to the option's type, naming the option on error."""
-    try:
-        if option.multiple:
-            values = value if isinstance(value, (list, tuple)) else [value]
-            return tuple(option.kind(v) for v in values)
-        return option.kind(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{option.flag}: {value!r} is not valid ({exc})") from None
+    """A flag string or YAML value in the option's type; a list only for a repeatable option."""
+    if option.multiple:
+        return tuple(_convert_one(option, v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return _convert_one(option, value)
 
 
 def parse_actors(value: str) -> tuple[int, int]:

@@ -124,4 +124,4 @@ def test_a_local_run_refuses_actors_bigger_than_the_machine(tmp_path, capsys, mo
     assert main(args + ["--cpus-per-actor", str((os.cpu_count() or 1) + 1)]) == 2
     assert "cpus_per_actor" in capsys.readouterr().err
     assert main(args + ["--gpus-per-actor", "64"]) == 2
-    assert "gpus_per_actor: 64" in capsys.readouterr().err
+    assert "gpus_per_actor: 1 actor(s) of 64.0 GPUs but this machine has 0 GPUs" in capsys.readouterr().err

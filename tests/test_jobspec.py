@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import yaml
@@ -66,6 +67,60 @@ def test_job_file_errors(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         read_job_file(str(listed))
+
+
+def job_file(tmp_path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text("input: [x]\noutput: o\nclasses: a,b\n" + text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("crops: 2.9\n", "crops: 2.9 is not valid; expected a whole number for crops per image (N)"),
+    ("seed: 1.7\n", "seed: 1.7 is not valid; expected a whole number"),
+    ("top-k: true\n", "top-k: True is not valid; expected a whole number"),
+    ("alpha: false\n", "alpha: False is not valid; expected a number"),
+    ("name: 2025\n", "name: 2025 is not valid; expected a string for job name"),
+    ("model: [ViT-B-32]\n", "model: ['ViT-B-32'] is not valid; expected a string"),
+    ("anon: 'yes'\n", "anon: 'yes' is not valid; expected true or false"),
+    ("overwrite: 1\n", "overwrite: 1 is not valid; expected true or false"),
+])
+def test_yaml_values_of_another_type_are_refused_not_forced(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        build_job(read_job_file(job_file(tmp_path, text)))
+
+
+def test_a_yaml_list_is_refused_for_classes_and_taken_for_inputs(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: [x, y]\noutput: o\nclasses: [cat, dog]\n")
+    with pytest.raises(ConfigError, match=re.escape("classes: ['cat', 'dog'] is not valid; expected a string")):
+        build_job(read_job_file(str(path)))
+    path.write_text("input: [x, [y]]\noutput: o\nclasses: a,b\n")
+    with pytest.raises(ConfigError, match=re.escape("input: ['y'] is not valid; expected a string")):
+        build_job(read_job_file(str(path)))
+    assert build_job(read_job_file(job_file(tmp_path, ""))).inputs.uris == ("x",)
+
+
+def test_numbers_may_be_yaml_numbers_or_flag_strings(tmp_path):
+    job = build_job(read_job_file(job_file(tmp_path, "crops: '12'\nalpha: '0.25'\nbeta: 1\nseed: 3\n")))
+    assert (job.scoring.crops, job.scoring.alpha, job.scoring.beta, job.scoring.seed) == (12, 0.25, 1.0, 3)
+    job = job_from_args(parse("--config", job_file(tmp_path, "anon: true\n"), "--crops", "7", "--alpha", "0.3"))
+    assert (job.scoring.crops, job.scoring.alpha, job.storage.anon) == (7, 0.3, True)
+
+
+@pytest.mark.parametrize("key", ["output", "pretrained", "gpus_per_actor"])
+def test_an_empty_job_file_key_is_refused(tmp_path, key):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"input: [x]\nclasses: a,b\n{key}:\n")
+    with pytest.raises(ConfigError, match=f"^config: job file key '{key}' is empty; give a value or remove the key$"):
+        read_job_file(str(path))
+
+
+def test_a_job_file_key_given_twice_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML: key 'crops' is given twice; keep one"):
+        read_job_file(job_file(tmp_path, "crops: 60\ncrops: 6\n"))
+    with pytest.raises(ConfigError, match="'expand_top' and 'expand-top' in .* both give expand-top; keep one"):
+        read_job_file(job_file(tmp_path, "expand_top: 6\nexpand-top: 2\n"))
 
 
 def test_actor_ranges():
