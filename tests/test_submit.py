@@ -143,7 +143,7 @@ def test_submission_carries_the_validated_spec_and_aws_env(tmp_path, tiny_checkp
     with spec.open("a") as handle:
         handle.write("address: ray://elsewhere:10001\n")
     environ = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "RAY_AUTH_TOKEN": "tok",
-               "HOME": "/home/x"}
+               "HOME": "/home/x", "AWS_PROFILE": "dev", "AWS_CA_BUNDLE": "/etc/ssl/local.pem"}  # not sent
     job = submit.build_submission(str(spec), "20250131", str(tmp_path), True, 0.0, environ)
 
     assert job.submission_id == "pets-20250131"
