@@ -22,6 +22,7 @@ import base64
 import logging
 import os
 import shlex
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,9 +83,9 @@ def default_slot(now: datetime | None = None) -> str:
 
 
 def check_slot(slot: str) -> str:
-    """A slot may hold letters, digits, '-', '_' and '.' (it becomes part of the job id)."""
-    if not slot or not all(c.isalnum() or c in "-_." for c in slot):
-        raise ConfigError(f"slot: {slot!r} may hold only letters, digits, '-', '_' and '.', "
+    """A slot may hold ASCII letters, digits, '-', '_' and '.' (it becomes part of the job id)."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", slot) is None:
+        raise ConfigError(f"slot: {slot!r} may hold only ASCII letters, digits, '-', '_' and '.', "
                           "for example 20250131 or 2025-W05")
     return slot
 

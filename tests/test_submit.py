@@ -178,7 +178,7 @@ def test_default_working_dir_is_the_project_root(tmp_path, tiny_checkpoint):
     assert (root / "pipeline" / "submit.py").is_file() and (root / "pyproject.toml").is_file()
 
 
-@pytest.mark.parametrize("slot", ["", "2025/01/31", "a b"])
+@pytest.mark.parametrize("slot", ["", "2025/01/31", "a b", "été"])
 def test_bad_slots_are_refused(slot):
     with pytest.raises(ConfigError, match="slot"):
         submit.check_slot(slot)
