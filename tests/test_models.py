@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import open_clip
 import pytest
 import torch
@@ -18,11 +20,13 @@ from pipeline.models import (
     BUILTIN_CONFIG_DIR,
     INIT_FUNCTIONS,
     Preprocess,
+    check_weights,
     checkpoint_cache_path,
     fetch_checkpoint,
     load_model,
     model_input_size,
     register_builtin_configs,
+    remote_version,
     resolve_device,
     resolve_model_name,
 )
@@ -60,6 +64,11 @@ def assert_same_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tens
     assert set(loaded) == set(state_dict)
     for key, value in state_dict.items():
         assert torch.equal(loaded[key], value), key
+
+
+def other_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Different values of the same shapes: saved, the same number of bytes, as a retrained checkpoint."""
+    return {key: value + 1 for key, value in state_dict.items()}
 
 
 def fixed_inputs(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,10 +228,13 @@ def test_s3_checkpoint_is_fetched_once(tmp_path, checkpoint, s3_bucket):
     config = tiny_config(tmp_path, pretrained=uri)
     loaded = load_model(config, storage_options=s3_bucket.storage_options)
     assert_same_weights(loaded.model, checkpoint.state_dict)
-    cached = checkpoint_cache_path(uri, config.cache_dir)
+    etag = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key="models/tiny.pt")["ETag"]
+    version = remote_version(fsspec.filesystem("s3", **s3_bucket.storage_options).info(uri))
+    assert version == f"size={checkpoint.path.stat().st_size} ETag={etag}"
+    cached = checkpoint_cache_path(uri, config.cache_dir, version)
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    assert cached == Path(config.cache_dir) / "checkpoints" / digest / "tiny.pt"
-    assert cached.read_bytes() == checkpoint.path.read_bytes()
+    assert cached.parent.parent == Path(config.cache_dir) / "checkpoints" / digest and cached.name == "tiny.pt"
+    assert loaded.checkpoint == cached and cached.read_bytes() == checkpoint.path.read_bytes()
     assert loaded.checkpoint_sha256 == hashlib.sha256(checkpoint.path.read_bytes()).hexdigest()
     before = cached.stat()
     again = load_model(config, storage_options=s3_bucket.storage_options)
@@ -232,11 +244,56 @@ def test_s3_checkpoint_is_fetched_once(tmp_path, checkpoint, s3_bucket):
     assert sorted(p.name for p in cached.parent.iterdir()) == ["tiny.pt"]
 
 
+def test_s3_checkpoint_replaced_with_same_size_is_fetched_again(tmp_path, checkpoint, s3_bucket):
+    s3_bucket.client.upload_file(str(checkpoint.path), s3_bucket.name, "tiny.pt")
+    uri = f"s3://{s3_bucket.name}/tiny.pt"
+    config = tiny_config(tmp_path, pretrained=uri)
+    first = load_model(config, storage_options=s3_bucket.storage_options)
+    retrained = other_weights(checkpoint.state_dict)
+    path = tmp_path / "retrained" / "tiny.pt"  # torch.save records the name: the same one, the same size
+    path.parent.mkdir()
+    torch.save(retrained, path)
+    assert path.stat().st_size == checkpoint.path.stat().st_size
+    s3_bucket.client.upload_file(str(path), s3_bucket.name, "tiny.pt")  # a new ETag, maybe the same second
+    second = load_model(config, storage_options=s3_bucket.storage_options)
+    assert_same_weights(second.model, retrained)
+    assert second.checkpoint != first.checkpoint and not first.checkpoint.parent.exists()  # the old copy is gone
+    assert [p.name for p in second.checkpoint.parent.parent.iterdir()] == [second.checkpoint.parent.name]
+
+
+def test_file_uri_checkpoint_replaced_with_same_size_is_fetched_again(tmp_path, checkpoint):
+    path = tmp_path / "remote" / "tiny.pt"
+    path.parent.mkdir()
+    shutil.copy(checkpoint.path, path)
+    config = tiny_config(tmp_path, pretrained=f"file://{path}")
+    assert_same_weights(load_model(config).model, checkpoint.state_dict)
+    retrained = other_weights(checkpoint.state_dict)
+    mtime = path.stat().st_mtime_ns
+    torch.save(retrained, path)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a later write, however coarse the clock
+    assert path.stat().st_size == checkpoint.path.stat().st_size
+    loaded = load_model(config)
+    assert_same_weights(loaded.model, retrained)
+    assert loaded.checkpoint.read_bytes() == path.read_bytes()
+
+
+def test_checkpoint_without_version_is_fetched_every_time(tmp_path, checkpoint, monkeypatch, caplog):
+    local = fsspec.implementations.local.LocalFileSystem
+    info = local.info
+    monkeypatch.setattr(local, "info", lambda self, path, **kw: {
+        k: v for k, v in info(self, path, **kw).items() if k in ("name", "size", "type")})
+    uri = f"file://{checkpoint.path}"
+    first = fetch_checkpoint(uri, str(tmp_path))
+    inode = first.stat().st_ino
+    assert fetch_checkpoint(uri, str(tmp_path)) == first and first.stat().st_ino != inode  # fetched again
+    assert first.read_bytes() == checkpoint.path.read_bytes()
+    assert "no ETag or modification time" in caplog.text
+
+
 def test_s3_fetch_replaces_a_truncated_cache_file(tmp_path, checkpoint, s3_bucket):
     s3_bucket.client.upload_file(str(checkpoint.path), s3_bucket.name, "tiny.pt")
     uri = f"s3://{s3_bucket.name}/tiny.pt"
-    cached = checkpoint_cache_path(uri, str(tmp_path))
-    cached.parent.mkdir(parents=True)
+    cached = fetch_checkpoint(uri, str(tmp_path), storage_options=s3_bucket.storage_options)
     cached.write_bytes(checkpoint.path.read_bytes()[:100])
     path = fetch_checkpoint(uri, str(tmp_path), storage_options=s3_bucket.storage_options)
     assert path == cached and path.read_bytes() == checkpoint.path.read_bytes()
@@ -264,6 +321,56 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     torch.save({"visual.proj": torch.zeros(3, 3)}, path)
     with pytest.raises(ConfigError, match="does not fit model 'lgca-tiny'"):
         load_model(tiny_config(tmp_path, pretrained=str(path)))
+
+
+def test_driver_check_refuses_a_checkpoint_of_another_architecture(tmp_path, checkpoint):
+    config = json.loads(TINY_JSON.read_text())
+    patch8 = open_clip.create_model(TINY, vision_cfg={**config["vision_cfg"], "patch_size": 8})
+    path = tmp_path / "patch8.pt"
+    torch.save(patch8.state_dict(), path)
+    message = r"(?s)does not fit model 'lgca-tiny'.*size mismatch for visual\.conv1\.weight.*\[128, 3, 8, 8\]"
+    with pytest.raises(ConfigError, match=message):
+        check_weights(tiny_config(tmp_path, pretrained=str(path)))
+    with pytest.raises(ConfigError, match=message):  # the actor's error, on the driver
+        load_model(tiny_config(tmp_path, pretrained=str(path)))
+    partial = dict(checkpoint.state_dict)
+    del partial["visual.proj"]
+    torch.save({"state_dict": partial}, path)
+    with pytest.raises(ConfigError, match=r"(?s)Missing key.*visual\.proj"):
+        check_weights(tiny_config(tmp_path, pretrained=str(path)))
+    torch.save({"positional_embedding": torch.zeros(77, 32)}, path)
+    with pytest.raises(ConfigError, match=r"positional embedding cannot be resized .*text pos_embed width"):
+        check_weights(tiny_config(tmp_path, pretrained=str(path)))
+    torch.save({"state_dict": checkpoint.state_dict}, path)
+    assert check_weights(tiny_config(tmp_path, pretrained=str(path))) == TINY
+
+
+def openai_style_archive(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Save lgca-tiny with ``state_dict`` as OpenAI's original files are: a TorchScript archive
+    whose state_dict holds the parameters only (the attention mask is a plain attribute)."""
+    model = open_clip.create_model(TINY).eval()
+    model.load_state_dict(state_dict)
+    mask = model._buffers.pop("attn_mask")
+    model.attn_mask = mask
+    torch.jit.save(torch.jit.script(model), path)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")
+def test_torchscript_archive_is_refused_with_what_to_do(tmp_path, checkpoint):
+    fp16_values = {key: value.half().float() for key, value in checkpoint.state_dict.items()}  # as OpenAI's
+    path = tmp_path / "ViT-tiny.pt"
+    openai_style_archive(path, fp16_values)
+    config = tiny_config(tmp_path, pretrained=str(path))
+    message = r"is a TorchScript archive \(OpenAI's original CLIP format\).*pretrained tag 'openai'"
+    with pytest.raises(ConfigError, match=message):
+        check_weights(config)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_model(config)
+    assert f"open_clip.load_openai_model('{path}', device='cpu').state_dict()" in str(info.value)
+    converted = tmp_path / "state_dict.pt"
+    torch.save(open_clip.load_openai_model(str(path), device="cpu").state_dict(), converted)  # the advice
+    loaded = load_model(tiny_config(tmp_path, pretrained=str(converted)))
+    assert_same_weights(loaded.model, fp16_values)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
