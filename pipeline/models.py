@@ -326,6 +326,27 @@ def check_weights(cfg: ModelConfig, storage_options: dict | None = None) -> str:
     return name
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".npy")
+
+
+def check_names(cfg: ModelConfig) -> None:
+    """What can be checked of ``cfg`` away from the machine that runs it (``lgca submit``): an
+    open_clip model name, and a ``pretrained`` that is neither a URI nor a file name must be
+    one of its tags. Paths (a config JSON, a checkpoint) are resolved where the job runs."""
+    if cfg.name.endswith(".json"):
+        return
+    name = resolve_model_name(cfg.name)
+    pretrained = cfg.pretrained
+    if (pretrained.lower() == "none" or _URI_PATTERN.match(pretrained) or "/" in pretrained
+            or pretrained.lower().endswith(CHECKPOINT_SUFFIXES) or open_clip.is_pretrained_cfg(name, pretrained)):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise ConfigError(
+        f"pretrained: {pretrained!r} is not a pretrained tag of {name!r} (available tags: "
+        f"{', '.join(tags) or 'none'}) nor a checkpoint path or URI; give a tag, a path such as "
+        "./weights/model.pt or s3://bucket/model.pt, or 'none' for random weights")
+
+
 def check_checkpoint_fits(path: Path, name: str) -> None:
     """Load checkpoint ``path`` into model ``name`` built on the meta device: the checks of a real
     load, with the same errors, but no tensor is allocated or read (0.05 s for ViT-B-32)."""

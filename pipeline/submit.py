@@ -34,6 +34,7 @@ import yaml
 
 from .config import ConfigError, LabelJob
 from .jobspec import build_job, read_job_file
+from .models import check_names
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def build_submission(spec: str, slot: str, working_dir: str | None, forward_aws:
     then be installed on the cluster).
     """
     options, job = load_spec(spec)
+    check_names(job.model)
     runtime_env: dict[str, Any] = {}
     if working_dir == "":
         working_dir = str(project_root())

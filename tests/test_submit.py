@@ -178,6 +178,24 @@ def test_default_working_dir_is_the_project_root(tmp_path, tiny_checkpoint):
     assert (root / "pipeline" / "submit.py").is_file() and (root / "pyproject.toml").is_file()
 
 
+@pytest.mark.parametrize("model, pretrained, message", [
+    ("ViT-B-32x", "none", r"model: 'ViT-B-32x' not found; did you mean: ViT-B-32"),
+    ("ViT-B-32", "opneai", r"'opneai' is not a pretrained tag of 'ViT-B-32' \(available tags: .*openai"),
+])
+def test_a_spec_naming_an_unknown_model_or_tag_is_not_submitted(tmp_path, model, pretrained, message):
+    spec = write_spec(tmp_path / "bad.yaml", name="bad", input=["s3://b/images/"], output="s3://b/labels/",
+                      classes="cat,dog", model=model, pretrained=pretrained)
+    with pytest.raises(ConfigError, match=message):
+        submit.build_submission(str(spec), "20250131", None, False, 0.0, {})
+
+
+def test_checkpoint_paths_are_left_to_the_cluster(tmp_path):
+    for pretrained in ("weights/model.pt", "model.safetensors", "s3://b/model.pt"):
+        spec = write_spec(tmp_path / "ok.yaml", name="ok", input=["s3://b/images/"], output="s3://b/labels/",
+                          classes="cat,dog", model="ViT-B-32", pretrained=pretrained)
+        assert submit.build_submission(str(spec), "20250131", None, False, 0.0, {}).submission_id == "ok-20250131"
+
+
 @pytest.mark.parametrize("slot", ["", "2025/01/31", "a b", "été"])
 def test_bad_slots_are_refused(slot):
     with pytest.raises(ConfigError, match="slot"):
