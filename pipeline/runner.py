@@ -22,7 +22,7 @@ from .models import check_weights, model_input_size
 from .prompts import ClassSet, load_class_set
 from .sink import (DoneIds, OutputLayout, ShardMarks, check_manifest, completed_shards, error_rows,
                    forget_shards, iter_files, record_shards, shard_key, start_output, write_json)
-from .sources import detect_kind, list_image_files, list_shard_versions
+from .sources import check_parquet_columns, detect_kind, list_image_files, list_shard_versions
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
     new = [f for f, seen in zip(files, done.contains(files)) if not seen]
     unread = {kind: [s for s, seen in zip(found, read_whole.contains([shard_key(*s) for s in found])) if not seen]
               for kind, found in shards.items()}
+    if unread["parquet"]:
+        check_parquet_columns(unread["parquet"][0][0], job.storage, job.inputs.image_column, job.inputs.id_column)
     work = plan.WorkList(tuple(new), tuple(u for u, _ in unread["tar"]), tuple(u for u, _ in unread["parquet"]))
     return Listing(work, skipped_files=len(files) - len(new),
                    skipped_shards=sum(len(found) - len(unread[kind]) for kind, found in shards.items()),

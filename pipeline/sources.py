@@ -268,6 +268,22 @@ def _column_problem(schema: pa.Schema, image_column: str, id_column: str) -> str
     return None
 
 
+def check_parquet_columns(uri: str, storage: StorageConfig, image_column: str, id_column: str) -> None:
+    """Raise SourceError when the Parquet file at ``uri`` lacks these columns (its footer only is
+    read). The driver checks one file before Ray starts, so that the usual mistake (the default
+    id column on a dataset without one) costs no cluster; any other file that differs becomes
+    an error row. An unreadable file is left to its read task."""
+    fs, path = filesystem(uri, storage)
+    try:
+        with fs.open(path, "rb") as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+    except (OSError, pa.ArrowInvalid):
+        return
+    problem = _column_problem(schema, image_column, id_column)
+    if problem:
+        raise SourceError(f"{uri}: {problem}")
+
+
 def _id_text(key: object) -> str:
     """An id column value as text; bytes as UTF-8, or as hex where they are not UTF-8."""
     if isinstance(key, bytes):

@@ -412,6 +412,10 @@ def test_bad_config_is_rejected_before_ray_starts(tmp_path, tiny_checkpoint, mon
                                text=TextConfig(classes="cat,dog", descriptions=str(tmp_path / "nope.json"))))
     with pytest.raises(SourceError, match="no such file"):
         run_label_job(make_job([tmp_path / "absent"], tmp_path / "o", tiny_checkpoint))
+    pq.write_table(pa.table({"image": [encode(photos.astronaut())], "label": [3]}), tmp_path / "hf.parquet")
+    with pytest.raises(SourceError, match=r"hf.parquet: column 'id' not found; available: image, label; "
+                                          r"pass --id-column .* or --id-column '' to number rows"):
+        run_label_job(make_job([tmp_path / "hf.parquet"], tmp_path / "o", tiny_checkpoint))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     two_actors = ResourceConfig(actors_min=2, actors_max=2, cpus_per_actor=1)
     with pytest.raises(ConfigError, match=r"2 actor\(s\) of 1 CPUs leave none of this machine's 2 CPUs.*"

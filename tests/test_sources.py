@@ -17,6 +17,7 @@ from tests.support import make_tar, upload
 from pipeline.sources import (
     SourceError,
     StorageConfig,
+    check_parquet_columns,
     detect_kind,
     filesystem,
     iter_parquet_rows,
@@ -512,3 +513,13 @@ def test_a_symlinked_shard_has_its_targets_version(tmp_path):
     after = [entry for entry in listed if entry[0].endswith("a.tar")]
     assert [uri for uri, _ in after] == [str(folder / "a.tar")]
     assert after != before and after == list_shard_versions(str(folder / "a.tar"), "tar", LOCAL)
+
+
+def test_the_driver_check_of_a_parquet_file_reads_its_columns_only(tmp_path):
+    good, cut = tmp_path / "good.parquet", tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), good)
+    check_parquet_columns(str(good), LOCAL, "image", "id")
+    with pytest.raises(SourceError, match=r"good.parquet: column 'key' not found; available: id, image"):
+        check_parquet_columns(str(good), LOCAL, "image", "key")
+    cut.write_bytes(good.read_bytes()[:20])
+    check_parquet_columns(str(cut), LOCAL, "image", "id")  # unreadable: left to its read task's error row
