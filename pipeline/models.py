@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import logging
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -36,6 +32,7 @@ import open_clip
 import torch
 
 from .config import ConfigError, ModelConfig
+from .checkpoints import fetch_checkpoint, sha256_file
 from .crops import Preprocess
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -44,7 +41,6 @@ REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "fp16": "pure_fp16", "bf16": "pure_bf16"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-_HASH_CHUNK = 1 << 20
 # torch.nn.init's in-place initialisers: what modules call to fill their weights at construction.
 INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
@@ -53,8 +49,6 @@ INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", 
 NOT_STRICT_SUFFIXES = (".npz", ".npy")
 # What open_clip logs when create_model got no weights, wrong where a checkpoint file is loaded after it
 OPEN_CLIP_NO_WEIGHTS = "No pretrained weights loaded"
-# fs.info keys that change when a remote file is rewritten: entity tags first, then modification times
-VERSION_KEYS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def preprocess_from_model(model: torch.nn.Module) -> Preprocess:
@@ -197,92 +191,6 @@ def resolve_device(device: str) -> torch.device:
             available = ", ".join(f"cuda:{i}" for i in range(count))
             raise ConfigError(f"device: {device!r} not found; available: {available}")
     return resolved
-
-
-def _cache_root(cache_dir: str) -> Path:
-    """The cache directory, ``~/.cache/lgca`` when ``cache_dir`` is empty."""
-    return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "lgca"
-
-
-def checkpoint_cache_path(uri: str, cache_dir: str, version: str) -> Path:
-    """Where :func:`fetch_checkpoint` keeps ``version`` of ``uri``:
-    ``<cache>/checkpoints/<sha256(uri)[:16]>/<sha256(version)[:16]>/<basename>``."""
-    basename = PurePosixPath(uri.rstrip("/")).name
-    uri_digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
-    version_digest = hashlib.sha256(version.encode("utf-8")).hexdigest()[:16]
-    return _cache_root(cache_dir) / "checkpoints" / uri_digest / version_digest / basename
-
-
-def remote_version(info: dict) -> str | None:
-    """What tells this content of a remote file from a rewrite: its size with the first of
-    :data:`VERSION_KEYS` that ``fs.info`` gave (``info``); None when it gave none of them."""
-    for key in VERSION_KEYS:
-        if info.get(key) is not None:
-            return f"size={info['size']} {key}={info[key]}"
-    return None
-
-
-def _download(fs: fsspec.AbstractFileSystem, remote_path: str, target: Path, size: int) -> None:
-    """Copy ``remote_path`` to a temp file beside ``target``, check its size, rename it atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
-        fs.get_file(remote_path, temp_name)
-        got = temp.stat().st_size
-        if got != size:
-            raise OSError(f"download of {remote_path} is incomplete: {got} of {size} bytes; run again")
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _remove_other_versions(target: Path) -> None:
-    """Delete the cached copies of the same URI other than ``target`` (replaced checkpoints)."""
-    for other in target.parent.parent.iterdir():
-        if other == target.parent:
-            continue
-        if other.is_dir():
-            shutil.rmtree(other, ignore_errors=True)
-        else:  # a file cached by the layout without versions
-            other.unlink(missing_ok=True)
-
-
-def fetch_checkpoint(uri: str, cache_dir: str, storage_options: dict | None = None) -> Path:
-    """Fetch the checkpoint at fsspec ``uri`` into the local cache and return its path.
-
-    The cache is keyed on the remote file's version (:func:`remote_version`), so a checkpoint
-    rewritten at the same URI is fetched again, and the copy it replaces is deleted. A store
-    that gives neither an ETag nor a modification time has the file fetched on every call.
-    ``storage_options`` go to fsspec (e.g. ``{'client_kwargs': {'endpoint_url': ...}}``).
-    """
-    fs, remote_path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    try:
-        info = fs.info(remote_path)
-    except FileNotFoundError:
-        raise ConfigError(f"pretrained: checkpoint {uri} not found") from None
-    size = info.get("size")
-    if size is None:
-        raise OSError(f"cannot tell the size of {uri}, so its download cannot be verified")
-    version = remote_version(info)
-    if version is None:
-        logging.getLogger(__name__).warning(
-            "%s: the store gives no ETag or modification time, so the checkpoint is fetched again", uri)
-    target = checkpoint_cache_path(uri, cache_dir, version or "unversioned")
-    if version is None or not (target.is_file() and target.stat().st_size == size):
-        _download(fs, remote_path, target, size)
-        _remove_other_versions(target)
-    return target
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resolve_weights(cfg: ModelConfig, name: str, storage_options: dict | None) -> _Weights:

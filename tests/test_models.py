@@ -15,18 +15,17 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.sources import file_version
 from tests.support import s3_client
+from pipeline.checkpoints import checkpoint_cache_path
 from pipeline.models import (
     BUILTIN_CONFIG_DIR,
     INIT_FUNCTIONS,
     Preprocess,
     check_weights,
-    checkpoint_cache_path,
-    fetch_checkpoint,
     load_model,
     model_input_size,
     register_builtin_configs,
-    remote_version,
     resolve_device,
     resolve_model_name,
 )
@@ -229,8 +228,8 @@ def test_s3_checkpoint_is_fetched_once(tmp_path, checkpoint, s3_bucket):
     loaded = load_model(config, storage_options=s3_bucket.storage_options)
     assert_same_weights(loaded.model, checkpoint.state_dict)
     etag = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key="models/tiny.pt")["ETag"]
-    version = remote_version(fsspec.filesystem("s3", **s3_bucket.storage_options).info(uri))
-    assert version == f"size={checkpoint.path.stat().st_size} ETag={etag}"
+    version = file_version(fsspec.filesystem("s3", **s3_bucket.storage_options).info(uri))
+    assert version == f"{checkpoint.path.stat().st_size}:{etag}"
     cached = checkpoint_cache_path(uri, config.cache_dir, version)
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     assert cached.parent.parent == Path(config.cache_dir) / "checkpoints" / digest and cached.name == "tiny.pt"
@@ -275,30 +274,6 @@ def test_file_uri_checkpoint_replaced_with_same_size_is_fetched_again(tmp_path, 
     loaded = load_model(config)
     assert_same_weights(loaded.model, retrained)
     assert loaded.checkpoint.read_bytes() == path.read_bytes()
-
-
-def test_checkpoint_without_version_is_fetched_every_time(tmp_path, checkpoint, monkeypatch, caplog):
-    local = fsspec.implementations.local.LocalFileSystem
-    info = local.info
-    monkeypatch.setattr(local, "info", lambda self, path, **kw: {
-        k: v for k, v in info(self, path, **kw).items() if k in ("name", "size", "type")})
-    uri = f"file://{checkpoint.path}"
-    first = fetch_checkpoint(uri, str(tmp_path))
-    inode = first.stat().st_ino
-    assert fetch_checkpoint(uri, str(tmp_path)) == first and first.stat().st_ino != inode  # fetched again
-    assert first.read_bytes() == checkpoint.path.read_bytes()
-    assert "no ETag or modification time" in caplog.text
-
-
-def test_s3_fetch_replaces_a_truncated_cache_file(tmp_path, checkpoint, s3_bucket):
-    s3_bucket.client.upload_file(str(checkpoint.path), s3_bucket.name, "tiny.pt")
-    uri = f"s3://{s3_bucket.name}/tiny.pt"
-    cached = fetch_checkpoint(uri, str(tmp_path), storage_options=s3_bucket.storage_options)
-    cached.write_bytes(checkpoint.path.read_bytes()[:100])
-    path = fetch_checkpoint(uri, str(tmp_path), storage_options=s3_bucket.storage_options)
-    assert path == cached and path.read_bytes() == checkpoint.path.read_bytes()
-    with pytest.raises(ConfigError, match="not found"):
-        fetch_checkpoint(f"s3://{s3_bucket.name}/absent.pt", str(tmp_path), s3_bucket.storage_options)
 
 
 def test_missing_local_checkpoint_names_the_path(tmp_path):
