@@ -364,7 +364,8 @@ def load_model(cfg: ModelConfig, storage_options: dict | None = None) -> LoadedM
             stack.enter_context(_root_messages_dropped(OPEN_CLIP_NO_WEIGHTS))
         model = open_clip.create_model(
             name, pretrained=weights.tag, precision=OPEN_CLIP_PRECISION[cfg.precision], device=device,
-            cache_dir=cfg.cache_dir or None, require_pretrained=weights.tag is not None, weights_only=True)
+            cache_dir=cfg.cache_dir or None, require_pretrained=weights.tag is not None, weights_only=True,
+            pretrained_text=False)  # no Hugging Face text weights: the tag or file holds them, 'none' wants none
     if weights.checkpoint is not None:
         _load_checkpoint_file(model, weights.checkpoint, name)
     model.eval()

@@ -114,6 +114,18 @@ def test_tiny_model_with_random_weights(tmp_path):
         assert loaded.model.encode_text(tokens).shape == (4, config["embed_dim"])
 
 
+def test_no_hugging_face_text_weights_are_fetched_for_a_checkpoint_or_none(tmp_path, checkpoint, monkeypatch):
+    """open_clip loads a Hugging Face text tower's own weights unless told not to: a download
+    the checkpoint overwrites, or, with 'none', weights that are not random."""
+    seen = []
+    create = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **kw: seen.append(kw) or create(*a, **kw))
+    load_model(tiny_config(tmp_path, pretrained=str(checkpoint.path)))
+    with pytest.warns(UserWarning, match="meaningless"):
+        load_model(tiny_config(tmp_path))
+    assert [kw["pretrained_text"] for kw in seen] == [False, False]
+
+
 def test_local_checkpoint_loads_exact_weights(tmp_path, checkpoint):
     loaded = load_model(tiny_config(tmp_path, pretrained=str(checkpoint.path)))
     assert_same_weights(loaded.model, checkpoint.state_dict)
