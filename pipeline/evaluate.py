@@ -114,12 +114,16 @@ def folder_samples(cfg: EvalConfig, names: Sequence[str]) -> list[Sample]:
 def parquet_labels(uri: str, cfg: EvalConfig, names: Sequence[str]) -> list[int]:
     """The class index of every row of a Parquet file: its label column holds names or 0-based indices."""
     fs, path = filesystem(uri, cfg.storage)
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        if cfg.label_column not in parquet.schema_arrow.names:
-            raise SourceError(f"{uri}: label column {cfg.label_column!r} not found; available: "
-                              f"{', '.join(parquet.schema_arrow.names)}")
-        values = [v for b in parquet.iter_batches(columns=[cfg.label_column]) for v in b.column(0).to_pylist()]
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if cfg.label_column not in parquet.schema_arrow.names:
+                raise SourceError(f"{uri}: label column {cfg.label_column!r} not found; available: "
+                                  f"{', '.join(parquet.schema_arrow.names)}")
+            values = [v for b in parquet.iter_batches(columns=[cfg.label_column]) for v in b.column(0).to_pylist()]
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(f"{uri}: cannot be read as Parquet ({type(exc).__name__}: {exc}); the labels of a "
+                          "labelled set must all be readable") from exc
     lookup = {normalize_name(name): index for index, name in enumerate(names)}
     labels = []
     for row, value in enumerate(values):

@@ -28,6 +28,7 @@ with the URI and what to do.
 """
 from __future__ import annotations
 
+import os
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -91,15 +92,30 @@ def _target_info(fs: fsspec.AbstractFileSystem, name: str, info: dict) -> dict:
         return info
 
 
+def _find_in_folder(fs: fsspec.AbstractFileSystem, path: str, visited: set[str]) -> dict[str, dict]:
+    """Every file under folder ``path`` and its listing record, following symlinked folders
+    (fsspec lists one as a single entry); each real folder once, so a link cycle ends. A symlink
+    is listed with its target's record: the link's own time would not tell a rewrite."""
+    visited.add(os.path.realpath(path))
+    found = {}
+    for name, info in fs.find(path, detail=True).items():
+        if info.get("islink"):
+            info = _target_info(fs, name, info)
+            if info["type"] == "directory":
+                if os.path.realpath(name) not in visited:
+                    found.update(_find_in_folder(fs, name, visited))
+                continue
+        found[name] = info
+    return found
+
+
 def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]:
     """The files at ``path`` (a file, a folder or prefix searched recursively, or else a glob) and
     fsspec's listing record of each. A path that exists is taken literally (``photos [2020]``)."""
     if fs.isfile(path):
         return {path: fs.info(path)}
     if fs.isdir(path):
-        found = fs.find(path, detail=True)
-        # a local symlink is listed with the link's own time; its target's tells a rewrite
-        return {name: _target_info(fs, name, info) if info.get("islink") else info for name, info in found.items()}
+        return _find_in_folder(fs, path, set())
     if any(char in path for char in _GLOB_CHARS):
         return {name: info for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"}
     raise SourceError(f"{uri}: no such file, folder or prefix")

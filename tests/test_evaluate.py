@@ -219,6 +219,9 @@ def test_parquet_labels_accept_names_and_indices_and_reject_others(tmp_path):
         labels("bad")
     with pytest.raises(SourceError, match="label column 'cls' not found; available: image, name, index, bad"):
         labels("cls")
+    path.write_bytes(b"not parquet")
+    with pytest.raises(SourceError, match=r"labels.parquet: cannot be read as Parquet \(ArrowInvalid"):
+        labels("name")
 
 
 def test_flags_fill_the_configs_and_method_is_always_lgca():

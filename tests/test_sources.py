@@ -523,3 +523,14 @@ def test_the_driver_check_of_a_parquet_file_reads_its_columns_only(tmp_path):
         check_parquet_columns(str(good), LOCAL, "image", "key")
     cut.write_bytes(good.read_bytes()[:20])
     check_parquet_columns(str(cut), LOCAL, "image", "id")  # unreadable: left to its read task's error row
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deep" / "b.jpg").write_bytes(b"b")
+    (tmp_path / "in" / "coffee").symlink_to(tmp_path / "elsewhere")  # a class folder kept elsewhere
+    (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "in")  # a cycle: not followed again
+    assert list(list_image_files(str(tmp_path / "in"), LOCAL)) == [
+        str(tmp_path / "in" / "a.jpg"), str(tmp_path / "in" / "coffee" / "deep" / "b.jpg")]
