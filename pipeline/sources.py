@@ -92,20 +92,32 @@ def _target_info(fs: fsspec.AbstractFileSystem, name: str, info: dict) -> dict:
         return info
 
 
-def _find_in_folder(fs: fsspec.AbstractFileSystem, path: str, visited: set[str]) -> dict[str, dict]:
+def _find_in_folder(fs: fsspec.AbstractFileSystem, path: str, walked: set[str] | None = None,
+                    known: set[str] | None = None) -> dict[str, dict]:
     """Every file under folder ``path`` and its listing record, following symlinked folders
-    (fsspec lists one as a single entry); each real folder once, so a link cycle ends. A symlink
-    is listed with its target's record: the link's own time would not tell a rewrite."""
-    visited.add(os.path.realpath(path))
-    found = {}
+    (fsspec lists one as a single entry). A symlink is listed with its target's record: the
+    link's own time would not tell a rewrite. Through a folder link, only files not listed
+    already (by real path) are added, and each real folder is walked once, so a link into the
+    same tree (``latest -> 2024``) or a cycle adds nothing; real paths are computed only when
+    a folder link is found."""
+    walked = walked if walked is not None else set()
+    walked.add(os.path.realpath(path))
+    found, links = {}, []
     for name, info in fs.find(path, detail=True).items():
         if info.get("islink"):
             info = _target_info(fs, name, info)
             if info["type"] == "directory":
-                if os.path.realpath(name) not in visited:
-                    found.update(_find_in_folder(fs, name, visited))
+                links.append(name)
                 continue
         found[name] = info
+    if known is not None:  # walking a link: keep only files not listed yet
+        found = {name: info for name, info in found.items() if os.path.realpath(name) not in known}
+    if links:
+        known = known if known is not None else set()
+        known.update(os.path.realpath(name) for name in found)
+        for link in links:
+            if os.path.realpath(link) not in walked:
+                found.update(_find_in_folder(fs, link, walked, known))
     return found
 
 
@@ -115,7 +127,7 @@ def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]
     if fs.isfile(path):
         return {path: fs.info(path)}
     if fs.isdir(path):
-        return _find_in_folder(fs, path, set())
+        return _find_in_folder(fs, path)
     if any(char in path for char in _GLOB_CHARS):
         return {name: info for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"}
     raise SourceError(f"{uri}: no such file, folder or prefix")

@@ -534,3 +534,11 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "in")  # a cycle: not followed again
     assert list(list_image_files(str(tmp_path / "in"), LOCAL)) == [
         str(tmp_path / "in" / "a.jpg"), str(tmp_path / "in" / "coffee" / "deep" / "b.jpg")]
+
+    (tmp_path / "in" / "2024").mkdir()
+    (tmp_path / "in" / "2024" / "c.jpg").write_bytes(b"c")
+    (tmp_path / "in" / "2024" / "self").symlink_to(tmp_path / "in" / "2024")
+    (tmp_path / "in" / "latest").symlink_to(tmp_path / "in" / "2024")  # the same tree: listed once
+    assert list(list_image_files(str(tmp_path / "in"), LOCAL)) == [
+        str(tmp_path / "in" / "2024" / "c.jpg"), str(tmp_path / "in" / "a.jpg"),
+        str(tmp_path / "in" / "coffee" / "deep" / "b.jpg")]
