@@ -10,7 +10,8 @@ submit. What travels with the job, and how:
   was validated here;
 - the code, as the runtime_env ``working_dir`` (the project root by default), unless the
   cluster's image has the package installed (``--no-working-dir``);
-- the AWS credentials, region and endpoint variables of the submitting shell (:data:`FORWARDED_AWS`), as runtime_env ``env_vars``;
+- the ``AWS_*`` variables of the submitting shell (not a profile name nor local paths, see
+  :func:`forwarded_env`), as runtime_env ``env_vars``;
 - the token of a cluster with token authentication, only in the HTTP ``Authorization``
   header (see :func:`auth_token`); it is never written into the job's runtime_env.
 """
@@ -41,11 +42,12 @@ log = logging.getLogger(__name__)
 # Kept out of the working_dir upload (gitignore syntax; Ray also honours .gitignore files).
 DEFAULT_EXCLUDES = (".git", ".venv", "venv", "**/__pycache__", ".pytest_cache", "*.egg-info",
                     "/out/", "/build/", "/dist/")
-# The AWS settings that mean the same on the cluster: credentials, region, endpoint. Not
-# AWS_PROFILE (a profile the cluster may not have; use the spec's `profile`) nor paths of
-# this machine (AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE, AWS_CA_BUNDLE).
-FORWARDED_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# AWS_* settings are sent with a job (credentials, region, endpoint, retries, checksums: they
+# mean the same on the cluster), except those that name something of this machine: a profile
+# the cluster may not have (use the spec's `profile`), local files, or this machine's
+# container-credential endpoint.
+FORWARDED_PREFIX = "AWS_"
+NOT_FORWARDED = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CA_BUNDLE", "AWS_CONTAINER_")
 # runner.start_ray passes the driver's AWS_* variables to ray.init again; inside a Ray job
 # those keys are already in the job's env_vars, and Ray refuses to merge equal keys unless
 # this is set (the values are the same, so overriding changes nothing).
@@ -120,9 +122,10 @@ def project_root() -> Path:
 
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The :data:`FORWARDED_AWS` variables to send with the job (plus the merge switch when
-    there are any)."""
-    env = {k: environ[k] for k in FORWARDED_AWS if k in environ}
+    """The ``AWS_*`` variables to send with the job, without :data:`NOT_FORWARDED` ones and
+    ``*_FILE`` paths (plus the merge switch when there are any)."""
+    env = {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIX)
+           and not k.startswith(NOT_FORWARDED) and not k.endswith("_FILE")}
     return {**env, **MERGE_ENV} if env else {}
 
 
@@ -301,7 +304,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     code.add_argument("--no-working-dir", action="store_true",
                       help="upload no code: the cluster's image has lgca-pipeline installed")
     parser.add_argument("--forward-aws-env", action=argparse.BooleanOptionalAction, default=True,
-                        help="send this shell's AWS credentials, region and endpoint with the job (default: yes)")
+                        help="send this shell's AWS_* settings with the job, not AWS_PROFILE nor file paths (default: yes)")
     parser.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
                         help="CPUs reserved for the driver; 0 (default) runs it on the head node")
     parser.set_defaults(handler=_handle)

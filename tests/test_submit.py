@@ -143,7 +143,8 @@ def test_submission_carries_the_validated_spec_and_aws_env(tmp_path, tiny_checkp
     with spec.open("a") as handle:
         handle.write("address: ray://elsewhere:10001\n")
     environ = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "RAY_AUTH_TOKEN": "tok",
-               "HOME": "/home/x", "AWS_PROFILE": "dev", "AWS_CA_BUNDLE": "/etc/ssl/local.pem"}  # not sent
+               "HOME": "/home/x", "AWS_MAX_ATTEMPTS": "10", "AWS_PROFILE": "dev", "AWS_CA_BUNDLE": "/etc/ssl/l.pem",
+               "AWS_SHARED_CREDENTIALS_FILE": "/home/x/.aws/credentials"}  # the last three are not sent
     job = submit.build_submission(str(spec), "20250131", str(tmp_path), True, 0.0, environ)
 
     assert job.submission_id == "pets-20250131"
@@ -151,7 +152,7 @@ def test_submission_carries_the_validated_spec_and_aws_env(tmp_path, tiny_checkp
     assert job.runtime_env["working_dir"] == str(tmp_path.resolve())
     assert ".git" in job.runtime_env["excludes"]
     assert job.runtime_env["env_vars"] == {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
-                                           "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+                                           "AWS_MAX_ATTEMPTS": "10", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
     assert "tok" not in json.dumps(job.runtime_env) and "tok" not in job.entrypoint
     argv = shlex.split(job.entrypoint)
     assert argv[:5] == ["python", "-m", "pipeline.cli", "label", "--config"]
@@ -189,8 +190,10 @@ def test_a_spec_naming_an_unknown_model_or_tag_is_not_submitted(tmp_path, model,
         submit.build_submission(str(spec), "20250131", None, False, 0.0, {})
 
 
-def test_checkpoint_paths_are_left_to_the_cluster(tmp_path):
-    for pretrained in ("weights/model.pt", "model.safetensors", "s3://b/model.pt"):
+def test_checkpoint_paths_are_left_to_the_cluster(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mycheckpoint").write_bytes(b"uploaded with the job")
+    for pretrained in ("weights/model.pt", "model.safetensors", "s3://b/model.pt", "mycheckpoint"):
         spec = write_spec(tmp_path / "ok.yaml", name="ok", input=["s3://b/images/"], output="s3://b/labels/",
                           classes="cat,dog", model="ViT-B-32", pretrained=pretrained)
         assert submit.build_submission(str(spec), "20250131", None, False, 0.0, {}).submission_id == "ok-20250131"
