@@ -246,13 +246,15 @@ def check_names(cfg: ModelConfig) -> None:
     name = resolve_model_name(cfg.name)
     pretrained = cfg.pretrained
     if (pretrained.lower() == "none" or _URI_PATTERN.match(pretrained) or "/" in pretrained
-            or pretrained.lower().endswith(CHECKPOINT_SUFFIXES) or open_clip.is_pretrained_cfg(name, pretrained)):
+            or pretrained.lower().endswith(CHECKPOINT_SUFFIXES) or Path(pretrained).exists()
+            or open_clip.is_pretrained_cfg(name, pretrained)):
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     raise ConfigError(
         f"pretrained: {pretrained!r} is not a pretrained tag of {name!r} (available tags: "
-        f"{', '.join(tags) or 'none'}) nor a checkpoint path or URI; give a tag, a path such as "
-        "./weights/model.pt or s3://bucket/model.pt, or 'none' for random weights")
+        f"{', '.join(tags) or 'none'}) nor a file here, a checkpoint path or a URI; give a tag, a path "
+        "such as ./weights/model.pt (./ for a file that only the cluster has) or s3://bucket/model.pt, "
+        "or 'none' for random weights")
 
 
 def check_checkpoint_fits(path: Path, name: str) -> None:
