@@ -70,15 +70,17 @@ def pad_groups(shapes: list[tuple[int, int]]) -> list[list[int]]:
     first group it fits. Photos of both orientations share one group; a wide panorama and a
     tall one do not (padded together, each would become a large square)."""
     groups: list[list[int]] = []
-    for i in range(len(shapes)):
-        for members in groups:
-            joined = [shapes[j] for j in members + [i]]
-            canvas = max(h for h, _ in joined) * max(w for _, w in joined) * len(joined)
-            if canvas <= PAD_LIMIT * sum(h * w for h, w in joined):
-                members.append(i)
+    sizes: list[tuple[int, int, int]] = []  # per group: largest height, largest width, own pixels
+    for i, (h, w) in enumerate(shapes):
+        for g, (max_h, max_w, pixels) in enumerate(sizes):
+            joined = (max(max_h, h), max(max_w, w), pixels + h * w)
+            if joined[0] * joined[1] * (len(groups[g]) + 1) <= PAD_LIMIT * joined[2]:
+                groups[g].append(i)
+                sizes[g] = joined
                 break
         else:
             groups.append([i])
+            sizes.append((h, w, h * w))
     return groups
 
 

@@ -144,7 +144,7 @@ def parquet_samples(files: Sequence[str], labels: Sequence[list[int]], cfg: Eval
         for batch in iter_parquet_rows(uri, cfg.storage, cfg.image_column, cfg.id_column):
             for row_id, blob, error in zip(batch["id"], batch["bytes"], batch["error"]):
                 if error and row_id == f"{uri}#":
-                    raise SourceError(f"{uri}: cannot be read to the end ({error})")
+                    raise SourceError(f"{uri}: cannot be used ({error})")
                 yield Sample(id=row_id, uri=uri, label=next(row_labels), data=blob, error=error)
 
 

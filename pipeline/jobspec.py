@@ -169,14 +169,19 @@ ACCEPTED = {str: ((str,), "a string"), int: ((str, int), "a whole number"),
 
 
 def _convert_one(option: Option, value: Any) -> Any:
-    """One value in the option's type; a value of another type is refused, never forced into it."""
+    """One value in the option's type; a value of another type is refused, never forced into it
+    (a YAML number given for text could lose digits: 1.10 reads as 1.1)."""
     types, expected = ACCEPTED[option.kind]
+    if option.kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
     if isinstance(value, types) and (option.kind is bool or not isinstance(value, bool)):
         try:
             return option.kind(value)
         except ValueError:
             pass
-    raise ConfigError(f"{option.flag}: {value!r} is not valid; expected {expected} for {option.help}")
+    hint = (f"; put it in quotes if it is meant as text ({option.flag}: \"{value}\")"
+            if option.kind is str and isinstance(value, (int, float)) and not isinstance(value, bool) else "")
+    raise ConfigError(f"{option.flag}: {value!r} is not valid; expected {expected} for {option.help}{hint}")
 
 
 def _convert(option: Option, value: Any) -> Any:

@@ -80,7 +80,8 @@ def job_file(tmp_path, text: str) -> str:
     ("seed: 1.7\n", "seed: 1.7 is not valid; expected a whole number"),
     ("top-k: true\n", "top-k: True is not valid; expected a whole number"),
     ("alpha: false\n", "alpha: False is not valid; expected a number"),
-    ("name: 2025\n", "name: 2025 is not valid; expected a string for job name"),
+    ("name: 2025\n", "name: 2025 is not valid; expected a string for job name; put it in quotes if it is meant "
+                     "as text (name: \"2025\")"),
     ("model: [ViT-B-32]\n", "model: ['ViT-B-32'] is not valid; expected a string"),
     ("anon: 'yes'\n", "anon: 'yes' is not valid; expected true or false"),
     ("overwrite: 1\n", "overwrite: 1 is not valid; expected true or false"),
@@ -106,6 +107,8 @@ def test_numbers_may_be_yaml_numbers_or_flag_strings(tmp_path):
     assert (job.scoring.crops, job.scoring.alpha, job.scoring.beta, job.scoring.seed) == (12, 0.25, 1.0, 3)
     job = job_from_args(parse("--config", job_file(tmp_path, "anon: true\n"), "--crops", "7", "--alpha", "0.3"))
     assert (job.scoring.crops, job.scoring.alpha, job.storage.anon) == (7, 0.3, True)
+    job = job_from_args(parse("--config", job_file(tmp_path, "anon: 'True'\noverwrite: 'false'\n")))
+    assert (job.storage.anon, job.overwrite) == (True, False)  # the words true/false, quoted, as before
 
 
 @pytest.mark.parametrize("key", ["output", "pretrained", "gpus_per_actor"])
