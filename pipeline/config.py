@@ -227,8 +227,8 @@ class ResourceConfig:
     def __post_init__(self) -> None:
         _require(1 <= self.actors_min <= self.actors_max, "actors",
                  f"need 1 <= min <= max, got {self.actors_min}-{self.actors_max}")
-        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be 0 or more")
-        _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be more than 0")
+        _require(0 <= self.gpus_per_actor < math.inf, "gpus_per_actor", "must be a number, 0 or more")
+        _require(0 < self.cpus_per_actor < math.inf, "cpus_per_actor", "must be a number more than 0")
         _require(self.threads_per_actor >= 0, "threads_per_actor", "must be 0 (as reserved) or more")
         _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         _require(self.rows_per_file >= 0, "rows_per_file", "must be 0 (auto) or more")

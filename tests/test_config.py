@@ -42,6 +42,8 @@ def test_method_costs():
     (lambda: ResourceConfig(rows_per_file=-1), "rows_per_file"),
     (lambda: StorageConfig(endpoint_url="localhost:9000"), "endpoint_url"),
     (lambda: LabelJob(inputs=InputConfig(("x",)), output="", text=TextConfig("a")), "output"),
+    (lambda: ResourceConfig(gpus_per_actor=math.inf), "gpus_per_actor"),
+    (lambda: ResourceConfig(cpus_per_actor=math.nan), "cpus_per_actor"),
     (lambda: LabelJob(inputs=InputConfig(("x",)), output="s3://b/exp[12]", text=TextConfig("a")), "output"),
     (lambda: LabelJob(inputs=InputConfig(("x",)), output="o", text=TextConfig("a"), name=""), "name"),
     (lambda: LabelJob(inputs=InputConfig(("x",)), output="o", text=TextConfig("a"), name="-x"), "name"),
