@@ -18,6 +18,7 @@ from dataclasses import dataclass
 METHODS = ("clip", "cupl", "wca", "lgca")
 PRECISIONS = ("fp32", "fp16", "bf16")
 S3_PROTOCOLS = ("s3", "s3a")
+GLOB_CHARS = ("*", "?", "[")  # what fsspec expands in a path (glob, and s3fs's deletes)
 
 
 class ConfigError(ValueError):
@@ -266,7 +267,7 @@ class LabelJob:
     def __post_init__(self) -> None:
         _require(bool(self.output.strip()), "output", "give the folder or prefix to write labels to")
         _require(fsspec.utils.get_protocol(self.output) in ("file", "local")
-                 or not any(char in self.output for char in "*?["), "output",
+                 or not any(char in self.output for char in GLOB_CHARS), "output",
                  f"{self.output!r} holds a glob character (* ? [), which object-store deletes (--overwrite, "
                  "partial files, shard records) would expand, removing other prefixes; use an output without them")
         _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) is not None, "name",

@@ -158,6 +158,16 @@ class OutputLayout:
 READ_THREADS = 16  # output files read at once by _read_each
 
 
+def _remove_folder(uri: str, storage: StorageConfig) -> bool:
+    """Remove folder ``uri`` and everything in it; False where there was none."""
+    fs, path = filesystem(uri, storage)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _list_folder(fs: Any, path: str) -> list[str]:
     """The paths in folder ``path`` as the store holds them now (not a listing s3fs cached
     earlier), sorted; none where the folder does not exist."""
@@ -372,11 +382,8 @@ class ShardMarks:
     def remove(self, storage: StorageConfig) -> None:
         """Remove the run's marks (when it ends, done or not). A failure only leaves the folder
         behind (no run reads it): it is logged, not raised over the run's own outcome."""
-        fs, path = filesystem(self.folder, storage)
         try:
-            fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
+            _remove_folder(self.folder, storage)
         except OSError as exc:
             log.warning("could not remove %s (%s); it is not used again and can be deleted", self.folder, exc)
 
@@ -385,10 +392,9 @@ def forget_shards(layout: OutputLayout, storage: StorageConfig) -> None:
     """Remove every shard record, when they vouch for rows the output may no longer hold (see
     :func:`pipeline.runner.run_label_job`): done before any work, so that a run which then
     fails leaves no record for the next run to trust."""
-    fs, path = filesystem(layout.shards, storage)
-    if fs.exists(path):
-        log.warning("not trusting the shard records in %s: every shard will be read again", path)
-        fs.rm(path, recursive=True)
+    if _remove_folder(layout.shards, storage):
+        log.warning("removed the shard records in %s, not trusted now: every shard will be read again",
+                    layout.shards)
 
 
 def completed_shards(layout: OutputLayout, storage: StorageConfig) -> DoneIds:
@@ -441,8 +447,6 @@ def start_output(layout: OutputLayout, fingerprint: dict[str, Any], storage: Sto
     first remove the existing rows and records. Called once the inputs are listed, so a
     wrong input never costs the existing labels."""
     if overwrite:
-        fs, path = filesystem(layout.root, storage)
-        for sub in ("data", "_lgca"):
-            if fs.exists(f"{path.rstrip('/')}/{sub}"):
-                fs.rm(f"{path.rstrip('/')}/{sub}", recursive=True)
+        _remove_folder(layout.data, storage)
+        _remove_folder(layout.path("_lgca"), storage)
     write_json(layout.manifest, fingerprint, storage)

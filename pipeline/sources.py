@@ -40,12 +40,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import StorageConfig
+from .config import GLOB_CHARS, StorageConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTENSIONS = {"tar": (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"), "parquet": (".parquet",)}
 ROW_COLUMNS = ("id", "uri", "bytes", "error")
-_GLOB_CHARS = ("*", "?", "[")
 _KIND_NAMES = {"files": "image files", "tar": "tar shards", "parquet": "Parquet files"}
 
 
@@ -128,7 +127,7 @@ def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, dict]
         return {path: fs.info(path)}
     if fs.isdir(path):
         return _find_in_folder(fs, path)
-    if any(char in path for char in _GLOB_CHARS):
+    if any(char in path for char in GLOB_CHARS):
         return {name: info for name, info in fs.glob(path, detail=True).items() if info["type"] == "file"}
     raise SourceError(f"{uri}: no such file, folder or prefix")
 
