@@ -5,14 +5,14 @@ import argparse
 import logging
 import sys
 
-from . import bench, evaluate, explain, query, submit
-from .config import ConfigError
-from .jobspec import add_label_arguments, job_from_args
-from .sources import SourceError
+from pipeline.commands import bench, evaluate, explain, query
+from pipeline.commands.submit import submit
+from pipeline.config import ConfigError, SourceError
+from pipeline.options import add_label_arguments, job_from_args
 
 
 def _label(args: argparse.Namespace) -> int:
-    from .runner import run_label_job
+    from pipeline.distributed.job import run_label_job
 
     job = job_from_args(args)
     summary = run_label_job(job)

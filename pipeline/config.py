@@ -21,8 +21,33 @@ S3_PROTOCOLS = ("s3", "s3a")
 GLOB_CHARS = ("*", "?", "[")  # what fsspec expands in a path (glob, and s3fs's deletes)
 
 
-class ConfigError(ValueError):
+class LgcaError(Exception):
+    """An error the user can act on: ``lgca`` prints its message as one line and exits with
+    ``exit_code``; the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(LgcaError, ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
+
+
+class SourceError(LgcaError, ValueError):
+    """An input location or its layout is unusable; the message names the URI and the fix."""
+
+
+class OutputError(LgcaError, ValueError):
+    """An output folder holds something this pipeline cannot use or reach; the message says what."""
+
+
+class QueryError(LgcaError, ValueError):
+    """An output cannot be queried, or DuckDB rejected the SQL; the message says why."""
+
+
+class SubmitError(LgcaError, RuntimeError):
+    """The cluster could not be reached or refused the job; the message says what to do."""
+
+    exit_code = 1
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from moto.server import ThreadedMotoServer
 
-from pipeline.models import register_builtin_configs
+from pipeline.model.loading import register_builtin_configs
 from tests.support import free_port, s3_client
 
 # Ray 2.60 starts clusters with token authentication; its clients send the token only when

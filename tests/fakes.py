@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.crops import Preprocess
+from pipeline.method.crops import Preprocess
 
 # Crops reach the encoder as raw 0..255 values: (x / 255 - 0) / (1 / 255).
 RAW = Preprocess(image_size=16, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))

@@ -16,7 +16,7 @@ from PIL import Image
 from skimage import data as photos
 
 from pipeline.cli import main
-from pipeline.plan import FILES_PER_READ
+from pipeline.distributed.plan import FILES_PER_READ
 
 PHOTO_MAKERS = (photos.astronaut, photos.chelsea, photos.coffee, photos.rocket, photos.camera)
 

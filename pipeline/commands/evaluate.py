@@ -1,0 +1,398 @@
+"""``lgca eval``: top-1 and top-5 accuracy of clip, cupl, wca and lgca on a labelled image set.
+
+The set is an ImageFolder tree (one folder per class, local or fsspec) or Parquet files with
+image bytes and a label column (class name or 0-based class index). Folder names and labels
+match class names as descriptions do (``normalize_name``), all checked before the model loads.
+One engine pass with method lgca yields every method and LGCA step, in this process, batch by
+batch; threads read and decode at most PREFETCH_BATCHES batches ahead, so memory stays flat.
+Images that cannot be read or decoded count as errors, never as wrong predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import (ConfigError, DEFAULT_MAX_PIXELS, ModelConfig, ScoringParams, SourceError,
+                             StorageConfig, TextConfig, to_dict)
+from pipeline.data.decode import DecodeLimits, Decoded, decode_image
+from pipeline.data.sources import detect_kind, iter_parquet_rows, list_image_files, list_shards, read_file
+from pipeline.method.engine import BatchScores, Engine, ImageInput
+from pipeline.model.classes import ClassSet, load_class_set, normalize_name
+from pipeline.model.loading import load_model
+from pipeline.options import SCORING_FLAGS, add_option_arguments, given_options
+from pipeline.storage import filesystem, full_uri
+
+METHOD_NAMES = ("clip", "cupl", "wca", "lgca")
+TOP_K = 5
+PREFETCH_BATCHES = 2  # batches read and decoded ahead of the one being scored
+# The `lgca label` options (jobspec.OPTIONS, the one table of them) that mean the same here.
+SHARED_FLAGS = SCORING_FLAGS + ("image-column", "id-column", "batch-size", "max-pixels")
+SETTINGS = ("crops", "alpha", "beta", "steps", "expand_top", "expand_ratio", "aggregation", "seed")
+log = logging.getLogger(__name__)
+
+_SHOWN = 5  # offending items listed in an error message
+PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("label", pa.string()),
+                               ("error", pa.string()), *[(name, pa.string()) for name in METHOD_NAMES],
+                               ("lgca_topk", pa.list_(pa.string())), ("steps", pa.list_(pa.string()))])
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation: the labelled data, the classes, the model and the scoring."""
+
+    data: str  # ImageFolder root, or a Parquet file, folder of Parquet files or glob
+    text: TextConfig
+    model: ModelConfig = ModelConfig()
+    scoring: ScoringParams = ScoringParams()  # method must be lgca: it yields every method
+    storage: StorageConfig = StorageConfig()
+    input_format: str = "auto"  # 'files' (ImageFolder), 'parquet', or 'auto' (by extension)
+    image_column: str = "image"  # Parquet: encoded image bytes
+    label_column: str = "label"  # Parquet: class name or 0-based class index
+    id_column: str = ""  # Parquet: image ids; '' gives '<file uri>#<row number>'
+    batch_size: int = 32  # images per engine call
+    workers: int = 4  # threads reading and decoding ahead
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are errors (decompression bombs)
+
+    def __post_init__(self) -> None:
+        if self.scoring.method != "lgca":
+            raise ConfigError("method: eval scores with lgca, which yields every method's scores")
+        if self.input_format not in ("auto", "files", "parquet"):
+            raise ConfigError(f"input_format: {self.input_format!r} is not auto, files or parquet")
+        if min(self.batch_size, self.workers, self.max_pixels) < 1:
+            raise ConfigError("batch_size, workers, max_pixels: each must be at least 1")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image; Parquet samples carry their bytes, image files are read later."""
+
+    id: str
+    uri: str
+    label: int  # index into the class list
+    data: bytes | None = None
+    error: str | None = None  # why there are no bytes (e.g. a null Parquet cell)
+
+
+def folder_samples(cfg: EvalConfig, names: Sequence[str]) -> list[Sample]:
+    """The images of the ImageFolder tree at ``cfg.data``, labelled by their top folder.
+
+    Images outside a class folder, or in folders that match no class, raise ConfigError.
+    """
+    fs, path = filesystem(cfg.data, cfg.storage)
+    if not fs.isdir(path):
+        raise SourceError(f"{cfg.data}: not a folder; give an ImageFolder root (one folder per class) "
+                          "or Parquet files with --input-format parquet")
+    prefix = full_uri(fs, path).rstrip("/") + "/"
+    lookup = {normalize_name(name): index for index, name in enumerate(names)}
+    samples, unknown = [], {}
+    for uri in list_image_files(cfg.data, cfg.storage):
+        folder, _, rest = uri[len(prefix):].partition("/")
+        folder = folder if rest else "(images outside any class folder)"
+        if rest and normalize_name(folder) in lookup:
+            samples.append(Sample(id=uri, uri=uri, label=lookup[normalize_name(folder)]))
+        else:
+            unknown[folder] = unknown.get(folder, 0) + 1
+    if unknown:
+        shown = ", ".join(f"{name!r} ({count} images)" for name, count in sorted(unknown.items())[:_SHOWN])
+        raise ConfigError(f"{cfg.data}: {len(unknown)} class folders match no class of --classes (case, '_' "
+                          f"and spaces are ignored): {shown}; rename them to class names or add the classes")
+    return samples
+
+
+def parquet_labels(uri: str, cfg: EvalConfig, names: Sequence[str]) -> list[int]:
+    """The class index of every row of a Parquet file: its label column holds names or 0-based indices."""
+    fs, path = filesystem(uri, cfg.storage)
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if cfg.label_column not in parquet.schema_arrow.names:
+                raise SourceError(f"{uri}: label column {cfg.label_column!r} not found; available: "
+                                  f"{', '.join(parquet.schema_arrow.names)}")
+            values = [v for b in parquet.iter_batches(columns=[cfg.label_column]) for v in b.column(0).to_pylist()]
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(f"{uri}: cannot be read as Parquet ({type(exc).__name__}: {exc}); the labels of a "
+                          "labelled set must all be readable") from exc
+    lookup = {normalize_name(name): index for index, name in enumerate(names)}
+    labels = []
+    for row, value in enumerate(values):
+        if isinstance(value, str) and normalize_name(value) in lookup:
+            labels.append(lookup[normalize_name(value)])
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+            labels.append(value)
+        else:
+            raise ConfigError(f"{uri} row {row}: label {value!r} is neither a class name of --classes (case, "
+                              f"'_' and spaces are ignored) nor a class index 0..{len(names) - 1}")
+    return labels
+
+
+def parquet_samples(files: Sequence[str], labels: Sequence[list[int]], cfg: EvalConfig) -> Iterator[Sample]:
+    """Stream the rows of Parquet ``files`` with their labels; a corrupt file raises SourceError."""
+    for uri, file_labels in zip(files, labels):
+        row_labels = iter(file_labels)
+        for batch in iter_parquet_rows(uri, cfg.storage, cfg.image_column, cfg.id_column):
+            for row_id, blob, error in zip(batch["id"], batch["bytes"], batch["error"]):
+                if error and row_id == f"{uri}#":
+                    raise SourceError(f"{uri}: cannot be used ({error})")
+                yield Sample(id=row_id, uri=uri, label=next(row_labels), data=blob, error=error)
+
+
+def list_samples(cfg: EvalConfig, names: Sequence[str]) -> Iterator[Sample]:
+    """Every labelled image of ``cfg.data``; all labels are checked before this returns."""
+    kind = cfg.input_format if cfg.input_format != "auto" else detect_kind(cfg.data)
+    if kind == "files":
+        return iter(folder_samples(cfg, names))
+    if kind != "parquet":
+        raise ConfigError(f"data: {cfg.data} looks like {kind} input; eval reads ImageFolder trees or Parquet")
+    files = list_shards(cfg.data, "parquet", cfg.storage)
+    return parquet_samples(files, [parquet_labels(uri, cfg, names) for uri in files], cfg)
+
+
+def load_sample(sample: Sample, storage: StorageConfig, limits: DecodeLimits) -> Decoded:
+    """Read (when needed) and decode one sample; failures come back in ``Decoded.error``."""
+    data, error = sample.data, sample.error
+    if data is None and error is None:
+        data, error = read_file(sample.uri, storage)  # in eval's own reader threads
+    return Decoded(pixels=None, width=0, height=0, error=error) if error else decode_image(data, limits)
+
+
+def loaded_batches(samples: Iterator[Sample], cfg: EvalConfig, limits: DecodeLimits,
+                   pool: ThreadPoolExecutor) -> Iterator[list[tuple[Sample, Decoded]]]:
+    """Batches of decoded samples, in order, read and decoded up to PREFETCH_BATCHES ahead."""
+    pending: deque = deque()
+    while True:
+        chunk = list(itertools.islice(samples, cfg.batch_size))
+        if chunk:
+            pending.append((chunk, [pool.submit(load_sample, s, cfg.storage, limits) for s in chunk]))
+        if not pending:
+            return
+        if len(pending) > PREFETCH_BATCHES or not chunk:
+            done, futures = pending.popleft()
+            yield list(zip(done, [future.result() for future in futures]))
+
+
+@dataclass
+class Tally:
+    """Running counts of correct predictions; ``k`` is the k of the top-k (5, or C if fewer)."""
+
+    k: int
+    step_top1: list[int]  # correct top-1 of S_t, for t = 0..T
+    top1: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METHOD_NAMES, 0))
+    topk: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METHOD_NAMES, 0))
+    scored: int = 0
+    errors: int = 0
+    error_reasons: dict[str, int] = field(default_factory=dict)  # text before the first ':'
+
+    def add(self, scores: BatchScores, labels: torch.Tensor) -> None:
+        """Count a scored batch; ``labels``: long ``[B]`` true class indices."""
+        for name in METHOD_NAMES:
+            top = scores.method(name).topk(self.k).indices
+            self.top1[name] += int((top[:, 0] == labels).sum())
+            self.topk[name] += int((top == labels[:, None]).any(dim=1).sum())
+        hits = (scores.steps.topk(1).indices[..., 0] == labels[None]).sum(dim=1)
+        self.step_top1 = [old + int(new) for old, new in zip(self.step_top1, hits)]
+        self.scored += len(labels)
+
+    def add_error(self, message: str) -> None:
+        """Count an image that could not be scored, under the reason its message starts with."""
+        reason = message.split(":", 1)[0]
+        self.errors += 1
+        self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1
+
+    def fraction(self, count: int) -> float | None:
+        """``count`` over the scored images; None when no image was scored."""
+        return count / self.scored if self.scored else None
+
+
+def prediction_table(samples: Sequence[Sample], errors: Sequence[str | None], scores: BatchScores | None,
+                     names: Sequence[str]) -> pa.Table:
+    """Rows: true label, error, each method's top-1, lgca top-k and S_t top-1 for each step t.
+
+    ``scores`` covers exactly the samples without error, in order.
+    """
+    picks: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names[4:]}
+    if scores is not None:
+        picks = {name: scores.method(name).topk(1).indices[:, 0].tolist() for name in METHOD_NAMES}
+        picks["lgca_topk"] = scores.lgca.topk(min(TOP_K, len(names))).indices.tolist()
+        picks["steps"] = scores.steps.topk(1).indices[..., 0].T.tolist()  # [B, T+1]
+    rows = {"id": [s.id for s in samples], "uri": [s.uri for s in samples],
+            "label": [names[s.label] for s in samples], "error": list(errors)}
+    for column, values in picks.items():
+        found = iter([names[v] for v in value] if isinstance(value, list) else names[value] for value in values)
+        rows[column] = [None if error else next(found) for error in errors]
+    return pa.table(rows, schema=PREDICTION_SCHEMA)
+
+
+def evaluate_batch(engine: Engine, batch: list[tuple[Sample, Decoded]], tally: Tally,
+                   writer: pq.ParquetWriter | None, names: Sequence[str]) -> None:
+    """Score the decoded images of one batch; count them and the errors in ``tally``, write their rows.
+
+    If scoring the batch fails, its images are scored one by one, so that only an image that
+    fails alone becomes an error (``score: ...``), as in the pipeline's model actor.
+    """
+    good = [(sample, decoded) for sample, decoded in batch if decoded.error is None]
+    try:
+        scores = engine.score([ImageInput(s.id, d.pixels, d.height, d.width) for s, d in good]) if good else None
+    except (RuntimeError, ValueError) as exc:
+        if len(good) > 1:
+            log.warning("batch of %d failed (%s); scoring its images one by one", len(good), exc)
+            for item in batch:
+                evaluate_batch(engine, [item], tally, writer, names)
+            return
+        message = f"score: {type(exc).__name__}: {exc}"
+        batch = [(sample, Decoded(None, 0, 0, message) if decoded.error is None else decoded)
+                 for sample, decoded in batch]
+        scores = None
+    if scores is not None:
+        tally.add(scores, torch.tensor([sample.label for sample, _ in good]))
+    for _, decoded in batch:
+        if decoded.error is not None:
+            tally.add_error(decoded.error)
+    if writer is not None:
+        writer.write_table(prediction_table([s for s, _ in batch], [d.error for _, d in batch], scores, names))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What an evaluation measured, and with what."""
+
+    config: EvalConfig
+    classes: ClassSet
+    model: str  # resolved open_clip model name
+    device: str
+    tally: Tally
+    seconds: float  # reading, decoding and scoring; model loading and text encoding excluded
+
+    def to_json(self) -> dict[str, Any]:
+        """The report: accuracies as fractions in [0, 1] (None when nothing was scored) and counts."""
+        tally, cfg, images = self.tally, self.config, self.tally.scored + self.tally.errors
+        accuracy = {name: {"top1": tally.fraction(tally.top1[name]), "top5": tally.fraction(tally.topk[name]),
+                           "top1_correct": tally.top1[name], "top5_correct": tally.topk[name]}
+                    for name in METHOD_NAMES}
+        return {"data": cfg.data, "model": self.model, "pretrained": cfg.model.pretrained, "device": self.device,
+                "precision": cfg.model.precision, "classes": len(self.classes.names), "top_k": tally.k,
+                "images": images, "scored": tally.scored, "errors": tally.errors,
+                "error_reasons": tally.error_reasons, "accuracy": accuracy,
+                "lgca_steps_top1": [tally.fraction(count) for count in tally.step_top1],
+                "lgca_steps_top1_correct": tally.step_top1, "seconds": self.seconds,
+                "images_per_second": images / self.seconds if self.seconds > 0 else 0.0,
+                "scoring": to_dict(cfg.scoring), "text_digests": self.classes.digests()}
+
+
+def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:
+    """Open an output file (local or fsspec URI) for writing, creating its folder."""
+    fs, path = filesystem(uri, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    return fs.open(path, mode)
+
+
+def run_eval(cfg: EvalConfig, predictions: str = "") -> EvalResult:
+    """Evaluate every method on ``cfg.data``; per-image rows go to ``predictions`` when given."""
+    classes = load_class_set(cfg.text, cfg.storage)
+    samples = list_samples(cfg, classes.names)
+    loaded = load_model(cfg.model, cfg.storage.options_for(cfg.model.pretrained))
+    engine = Engine.for_classes(loaded, classes, cfg.scoring)
+    limits = DecodeLimits.for_model(loaded.preprocess.image_size, cfg.scoring, cfg.max_pixels)
+    tally = Tally(k=min(TOP_K, len(classes.names)), step_top1=[0] * (cfg.scoring.steps + 1))
+    clock = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if predictions:
+            handle = stack.enter_context(open_output(predictions, cfg.storage, "wb"))
+            writer = stack.enter_context(pq.ParquetWriter(handle, PREDICTION_SCHEMA))
+        pool = stack.enter_context(ThreadPoolExecutor(cfg.workers, thread_name_prefix="lgca-eval-load"))
+        for batch in loaded_batches(samples, cfg, limits, pool):
+            evaluate_batch(engine, batch, tally, writer, classes.names)
+    return EvalResult(config=cfg, classes=classes, model=loaded.name, device=str(loaded.device), tally=tally,
+                      seconds=time.perf_counter() - clock)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The JSON report of :meth:`EvalResult.to_json` as Markdown, accuracies in %."""
+    steps, acc = report["lgca_steps_top1"], report["accuracy"]
+    lines = [f"# Zero-shot evaluation of `{report['data']}`", "",
+             f"Model `{report['model']}` (pretrained `{report['pretrained']}`) on {report['device']}, "
+             f"{report['precision']}; {report['classes']} classes. {report['images']} images: "
+             f"{report['scored']} scored, {report['errors']} errors; {report['images_per_second']:.2f} images/s.",
+             "", f"| method | top-1 % | top-{report['top_k']} % |", "|---|---|---|",
+             *[f"| {name} | {_percent(a['top1'])} | {_percent(a['top5'])} |" for name, a in acc.items()],
+             "", "LGCA top-1 % per step (S_0 is WCA; lgca aggregates the steps):", "",
+             "| " + " | ".join([f"S_{t}" for t in range(len(steps))] + ["lgca"]) + " |",
+             "|" + "---|" * (len(steps) + 1),
+             "| " + " | ".join([_percent(v) for v in steps] + [_percent(acc["lgca"]["top1"])]) + " |"]
+    if report["error_reasons"]:
+        lines += ["", "Errors (not counted as predictions):", "",
+                  *[f"- {reason}: {count}" for reason, count in sorted(report["error_reasons"].items())]]
+    lines += ["", "Settings: " + ", ".join(f"{key} {report['scoring'][key]}" for key in SETTINGS) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The eval flags: the applicable ``lgca label`` options plus data and output flags."""
+    parser.add_argument("--data", required=True, help="ImageFolder root, or Parquet file/folder/glob")
+    parser.add_argument("--input-format", choices=("auto", "files", "parquet"), default="auto",
+                        help="files (ImageFolder), parquet, or auto (by extension)")
+    parser.add_argument("--label-column", default="label", help="Parquet column: class name or index")
+    parser.add_argument("--workers", type=int, default=4, help="threads reading and decoding ahead")
+    parser.add_argument("--out-dir", default="", help="writes eval.json, eval.md and predictions.parquet")
+    for name in ("json", "markdown", "predictions"):
+        parser.add_argument(f"--{name}", default="", help=f"{name} file (overrides --out-dir)")
+    add_option_arguments(parser, SHARED_FLAGS, required=("classes",))
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The :class:`EvalConfig` of parsed ``lgca eval`` arguments (the method is always lgca)."""
+    given = given_options(args, SHARED_FLAGS)
+    return EvalConfig(data=args.data, text=TextConfig(**given["text"]), model=ModelConfig(**given["model"]),
+                      scoring=ScoringParams(method="lgca", **given["scoring"]),
+                      storage=StorageConfig(**given["storage"]), input_format=args.input_format,
+                      label_column=args.label_column, workers=args.workers,
+                      **given["inputs"], **given["resources"])  # image/id columns, batch size, max pixels
+
+
+def output_paths(args: argparse.Namespace) -> dict[str, str]:
+    """Where the JSON, Markdown and predictions go: explicit flags, else files in --out-dir."""
+    base = args.out_dir.rstrip("/")
+    names = {"json": "eval.json", "markdown": "eval.md", "predictions": "predictions.parquet"}
+    return {key: getattr(args, key) or (f"{base}/{name}" if base else "") for key, name in names.items()}
+
+
+def _handle(args: argparse.Namespace) -> int:
+    """Run ``lgca eval``: write the reports, print the Markdown; 1 when no image could be scored."""
+    cfg = config_from_args(args)
+    paths = output_paths(args)
+    result = run_eval(cfg, paths["predictions"])
+    report = result.to_json()
+    texts = {"json": json.dumps(report, indent=2) + "\n", "markdown": markdown_report(report)}
+    for key in (key for key in texts if paths[key]):
+        with open_output(paths[key], cfg.storage, "w") as handle:
+            handle.write(texts[key])
+    print(texts["markdown"])
+    if result.tally.scored == 0:
+        print(f"lgca eval: error: none of the {report['images']} images could be scored; "
+              "see the error reasons above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand to the ``lgca`` command line."""
+    parser = commands.add_parser("eval", help="accuracy of clip, cupl, wca and lgca on a labelled image set")
+    add_eval_arguments(parser)
+    parser.set_defaults(handler=_handle)

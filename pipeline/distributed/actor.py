@@ -1,0 +1,95 @@
+"""The Ray Data UDF that owns a model: loads it and encodes the text once, then scores batches.
+
+Ray-agnostic in code (a plain callable class); :mod:`pipeline.distributed.plan` runs it in an actor
+pool. Every input row yields exactly one output row: images that were not decoded, or
+whose scoring failed, become ``status='error'`` rows.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from pipeline.config import ModelConfig, ScoringParams, StorageConfig
+from pipeline.data.decode import OUTPUT_COLUMNS, error_message, pixels_array
+from pipeline.data.rows import SCHEMA, error_table, scored_table
+from pipeline.method.engine import Engine, ImageInput
+from pipeline.model.classes import ClassSet
+from pipeline.model.loading import load_model
+
+log = logging.getLogger(__name__)
+
+
+def _column(batch: dict[str, Any], name: str) -> list:
+    values = batch[name]
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def worker_logging() -> None:
+    """Show this package's INFO messages in a Ray worker, whose root logger has no handler
+    (in the driver the CLI has configured logging already)."""
+    logger = logging.getLogger("pipeline")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # a root handler added later (by a library) would print it twice
+
+
+class LabelActor:
+    """Holds one model and its :class:`~pipeline.method.engine.Engine` for the actor's lifetime."""
+
+    def __init__(self, model: ModelConfig, classes: ClassSet, scoring: ScoringParams,
+                 storage: StorageConfig, run_id: str, batch_size: int, threads: int = 0):
+        worker_logging()
+        if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
+            torch.set_num_threads(threads)
+        clock = time.monotonic()
+        options = storage.options_for(model.pretrained)
+        loaded = load_model(model, options)
+        loaded_at = time.monotonic()
+        self.names = classes.names
+        self.scoring = scoring
+        self.run_id = run_id
+        self.batch_size = batch_size  # images per engine call, whatever size the blocks arriving here
+        self.engine = Engine.for_classes(loaded, classes, scoring)
+        log.info("model %s (%s) on %s in %s loaded in %.1f s; text bank of %d classes in %.1f s",
+                 loaded.name, model.pretrained, loaded.device, model.precision, loaded_at - clock,
+                 len(classes.names), time.monotonic() - loaded_at)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        """Score the decoded rows of ``batch``; returns one output row per input row."""
+        rows = {name: _column(batch, name) for name in OUTPUT_COLUMNS}
+        errors = [error_message(value) for value in rows["error"]]
+        good = [i for i, error in enumerate(errors) if error is None]
+        bad = [i for i, error in enumerate(errors) if error is not None]
+        tables = [self._score(rows, good[start:start + self.batch_size])
+                  for start in range(0, len(good), self.batch_size)]
+        if bad:
+            tables.append(self._errors(rows, bad, [errors[i] for i in bad]))
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+    def _score(self, rows: dict[str, list], index: list[int]) -> pa.Table:
+        """Score rows ``index`` together; if the batch fails, score one by one to isolate the culprit."""
+        images = [ImageInput(rows["id"][i], pixels_array(rows["pixels"][i], rows["work_h"][i], rows["work_w"][i]),
+                             rows["height"][i], rows["width"][i]) for i in index]
+        try:
+            scores = self.engine.score(images)
+        except (RuntimeError, ValueError) as exc:
+            if len(index) == 1:
+                return self._errors(rows, index, [f"score: {type(exc).__name__}: {exc}"])
+            log.warning("batch of %d failed (%s); scoring its images one by one", len(index), exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return pa.concat_tables([self._score(rows, [i]) for i in index])
+        return scored_table([rows["id"][i] for i in index], [rows["uri"][i] for i in index],
+                            [rows["width"][i] for i in index], [rows["height"][i] for i in index],
+                            scores, self.names, self.scoring.method, self.scoring.top_k, self.run_id)
+
+    def _errors(self, rows: dict[str, list], index: list[int], errors: list[str]) -> pa.Table:
+        return error_table([rows["id"][i] for i in index], [rows["uri"][i] for i in index], errors,
+                           [rows["width"][i] for i in index], [rows["height"][i] for i in index], self.run_id)

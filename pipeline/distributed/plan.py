@@ -1,0 +1,162 @@
+"""The Ray Data plan: read bytes -> decode on CPUs -> score on model actors -> Parquet.
+
+The only module that calls ``map_batches``. Data streams through: the driver lists
+file URIs (or shard URIs) only; bytes, pixels and scores live in Ray's object store.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Iterator
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import ray
+from ray.data.datasource import FilenameProvider
+
+from pipeline.config import LabelJob
+from pipeline.data.decode import DecodeLimits, decode_batch
+from pipeline.data.output import DoneIds, OutputLayout, ShardMarks
+from pipeline.data.sources import iter_parquet_rows, iter_tar_members, read_files_batch
+from pipeline.model.classes import ClassSet
+from pipeline.storage import filesystem
+
+FILES_PER_READ = 32  # loose files per read task
+DECODE_BATCH = 8  # images per decode call
+FORWARDED_ENV_PREFIXES = ("AWS_",)  # object-storage settings the driver passes to every worker
+
+
+def worker_env() -> dict:
+    """Ray remote args that give tasks and actors the driver's AWS_* settings (endpoint,
+    credentials, profile, region), so object storage is reached the same way everywhere."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+@dataclass(frozen=True)
+class WorkList:
+    """What the driver found to label: new image files, and shards whose rows are filtered later."""
+
+    files: tuple[str, ...]  # image file URIs not yet labelled
+    tars: tuple[str, ...]  # WebDataset tar shard URIs
+    parquets: tuple[str, ...]  # Parquet file URIs
+
+    @property
+    def empty(self) -> bool:
+        return not (self.files or self.tars or self.parquets)
+
+
+def drop_done(batch: dict[str, list], done: DoneIds) -> dict[str, list]:
+    """Remove rows whose id is already in the output (shard rows are known only once read)."""
+    keep = ~done.contains(list(batch["id"]))
+    return {name: [v for v, k in zip(values, keep) if k] for name, values in batch.items()}
+
+
+class RunFiles(FilenameProvider):
+    """Data file names ``<run id>_<write uuid>_<task index>-<i>.parquet``.
+
+    Ray appends ``-<i>`` and requires the write's uuid in append mode; the run id
+    prefix lets a run's files be found (and counted) after the write.
+    """
+
+    def __init__(self, run_id: str):
+        super().__init__(file_format="parquet")
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.run_id}_{write_uuid}_{task_index:06d}.parquet"
+
+
+def work_items(work: WorkList) -> list[dict]:
+    """Read tasks: up to FILES_PER_READ loose files, or one tar or Parquet shard, each."""
+    files = [{"kind": "files", "uris": list(work.files[i:i + FILES_PER_READ])}
+             for i in range(0, len(work.files), FILES_PER_READ)]
+    return files + [{"kind": "tar", "uris": [u]} for u in work.tars] + \
+        [{"kind": "parquet", "uris": [u]} for u in work.parquets]
+
+
+def _read(kind: str, uris: list[str], job: LabelJob) -> Iterator[dict[str, list]]:
+    """Column batches ``id, uri, bytes, error`` of one read task, a shard streamed in pieces."""
+    storage, inputs = job.storage, job.inputs
+    if kind == "files":
+        yield read_files_batch({"uri": uris}, storage)
+        return
+    for uri in uris:
+        if kind == "parquet":
+            yield from iter_parquet_rows(uri, storage, inputs.image_column, inputs.id_column, FILES_PER_READ)
+            continue
+        members = iter_tar_members(uri, storage)
+        while chunk := list(itertools.islice(members, FILES_PER_READ)):
+            yield {name: [row[name] for row in chunk] for name in ("id", "uri", "bytes", "error")}
+
+
+def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None,
+               marks: ShardMarks | None = None) -> Iterator[dict[str, list]]:
+    """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`),
+    without the ids already in the output. With ``marks``, each shard is marked read to its
+    end after its last row, or broken off before its ``<uri>#`` error row is passed on (see
+    :class:`~pipeline.data.output.ShardMarks`)."""
+    if isinstance(done, ray.ObjectRef):
+        done = ray.get(done)
+    for kind, uris in zip(batch["kind"], batch["uris"]):
+        shard = str(uris[0]) if marks is not None and kind != "files" else None  # one shard per read task
+        broke = False
+        for rows in _read(kind, list(uris), job):
+            if shard is not None and not broke and f"{shard}#" in rows["id"]:
+                broke = True
+                marks.mark(shard, job.storage, whole=False)
+            # loose files were filtered on the driver already; shard rows are known only now
+            rows = drop_done(rows, done) if done is not None and kind != "files" else rows
+            if rows["id"]:
+                yield rows
+        if shard is not None and not broke:
+            marks.mark(shard, job.storage, whole=True)
+
+
+def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:
+    """:func:`~pipeline.data.decode.decode_batch` over ``DECODE_BATCH`` rows at a time, so a large
+    read batch never sits decoded in memory at once."""
+    count = len(batch["id"])
+    for start in range(0, count, DECODE_BATCH):
+        yield decode_batch({name: values[start:start + DECODE_BATCH] for name, values in batch.items()}, limits)
+
+
+def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_id: str,
+          image_size: int, marks: ShardMarks | None = None) -> ray.data.Dataset:
+    """The whole plan up to (not including) the write.
+
+    Reading and decoding are CPU tasks spread over the cluster; their scheduling differs
+    from the model actors' (SPREAD against DEFAULT), so Ray does not fuse them into the
+    actors: the actors only score, ``batch_size`` decoded images a call, and results are
+    written as soon as a file's worth (``ResourceConfig.file_rows``) is labelled.
+    """
+    from pipeline.distributed.actor import LabelActor  # here, so that read/decode workers (which import this module) skip torch
+
+    scoring, res = job.scoring, job.resources
+    limits = DecodeLimits.for_model(image_size, scoring, res.max_pixels)
+    remote = worker_env()
+    stage = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **remote}
+    items = work_items(work)
+    done_ref = ray.put(done) if len(done) and (work.tars or work.parquets) else None
+    rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_items, fn_kwargs={"job": job, "done": done_ref, "marks": marks}, batch_size=None, **stage)
+    # batch_size=None on both: one read task per work item (Ray bundles inputs up to the
+    # largest batch size of a fused chain), streamed through in pieces.
+    decoded = rows.map_batches(decode_pieces, fn_kwargs={"limits": limits}, batch_size=None, **stage)
+    return decoded.map_batches(
+        LabelActor, batch_size=res.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=res.actors_min, max_size=res.actors_max),
+        fn_constructor_kwargs={"model": job.model, "classes": classes, "scoring": scoring,
+                               "storage": job.storage, "run_id": run_id, "batch_size": res.batch_size,
+                               "threads": res.threads_per_actor},
+        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, scheduling_strategy="DEFAULT", **remote)
+
+
+def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id: str) -> None:
+    """Stream the labelled rows into the output's data folder."""
+    fs, path = filesystem(layout.data, job.storage)
+    fs.makedirs(path, exist_ok=True)
+    dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+                          filename_provider=RunFiles(run_id), min_rows_per_file=job.resources.file_rows,
+                          ray_remote_args=worker_env())
+

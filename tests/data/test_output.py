@@ -1,0 +1,263 @@
+"""The output schema, result rows, done ids and the manifest check."""
+from __future__ import annotations
+
+import json
+import threading
+
+import fsspec.implementations.local
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import pipeline.data.output as sink
+from pipeline.config import ConfigError, SourceError, StorageConfig
+from pipeline.data.output import (DoneIds, OutputLayout, check_manifest, completed_shards, forget_shards,
+                                  id_digests, iter_column, record_shards, shard_key, start_output)
+from pipeline.data.rows import SCHEMA, error_table, scored_table
+from pipeline.method.engine import BatchScores
+
+NAMES = ["cat", "dog", "owl"]
+LOCAL = StorageConfig()
+
+
+def batch_scores() -> BatchScores:
+    """Two images, 3 classes, T=1, N=3, K=1, with known numbers."""
+    steps = torch.tensor([[[0.1, 0.5, 0.2], [0.3, 0.2, 0.1]],
+                          [[0.2, 0.4, 0.6], [0.9, 0.1, 0.0]]])
+    boxes = torch.zeros(2, 2, 3, 4, dtype=torch.float64)
+    boxes[1, 0, 2] = torch.tensor([1.0, 2.0, 11.0, 12.0], dtype=torch.float64)
+    boxes[1, 1, 0] = torch.tensor([0.0, 0.0, 5.0, 5.0], dtype=torch.float64)
+    return BatchScores(clip=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+                       cupl=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+                       wca=steps[0], steps=steps, lgca=steps.mean(0), boxes=boxes,
+                       weights=torch.full((2, 2, 3), 1 / 3), expanded=torch.tensor([[[2], [0]]]))
+
+
+def test_scored_rows_hold_the_labels_scores_and_steps():
+    table = scored_table(["a", "b"], ["u/a", "u/b"], [640, 10], [480, 10], batch_scores(), NAMES,
+                         "lgca", 2, "run-1")
+    assert table.schema == SCHEMA
+    rows = table.to_pylist()
+    assert [r["label"] for r in rows] == ["dog", "cat"]  # lgca = mean of the two steps
+    assert rows[0]["topk_labels"] == ["dog", "owl"] and rows[1]["topk_labels"] == ["cat", "dog"]
+    np.testing.assert_allclose(rows[0]["topk_scores"], [0.45, 0.4], atol=1e-6)
+    np.testing.assert_allclose(rows[1]["topk_scores"], [0.6, 0.15], atol=1e-6)
+    assert rows[0]["score"] == pytest.approx(0.45)
+    assert [r["clip_label"] for r in rows] == ["cat", "owl"]
+    assert [r["cupl_label"] for r in rows] == ["dog", "owl"]
+    assert [r["wca_label"] for r in rows] == ["dog", "cat"]
+    first = rows[0]["steps"]
+    assert [s["step"] for s in first] == [0, 1]
+    assert first[0]["topk_labels"] == ["dog", "owl"] and first[0]["expanded_boxes"] == []
+    assert first[1]["topk_labels"] == ["owl", "dog"]
+    assert first[1]["expanded_boxes"] == [[1.0, 2.0, 11.0, 12.0]]
+    assert rows[1]["steps"][1]["expanded_boxes"] == [[0.0, 0.0, 5.0, 5.0]]
+    assert rows[1]["status"] == "ok" and rows[1]["error"] is None and rows[1]["run_id"] == "run-1"
+
+
+def test_lgca_label_is_the_argmax_of_the_step_mean():
+    scores = batch_scores()
+    table = scored_table(["a", "b"], ["a", "b"], [1, 1], [1, 1], scores, NAMES, "lgca", 3, "r")
+    expected = scores.steps.mean(0)  # a_t = 1/(T+1)
+    for row, values in zip(table.to_pylist(), expected):
+        np.testing.assert_allclose(row["topk_scores"], values.sort(descending=True).values.numpy(), atol=1e-6)
+
+
+def test_error_rows_have_no_labels():
+    table = error_table(["x"], ["u"], ["decode: broken"], [0], [0], "r")
+    assert table.schema == SCHEMA
+    row = table.to_pylist()[0]
+    assert row["status"] == "error" and row["error"] == "decode: broken"
+    assert row["label"] is None and row["steps"] is None and row["topk_labels"] is None
+
+
+def write_rows(root, name, ids):
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(error_table(ids, ids, ["e"] * len(ids), [0] * len(ids), [0] * len(ids), "r"),
+                   root / "data" / name)
+
+
+def test_done_ids_and_partial_files(tmp_path):
+    write_rows(tmp_path, "r1_a_000000-0.parquet", ["s3://b/1.jpg", "s3://b/2.jpg"])
+    write_rows(tmp_path, "r2_a_000000-0.parquet", ["s3://b/3.jpg"])
+    (tmp_path / "data" / "r2_a_000001-0.parquet").write_bytes(b"PAR1 cut short")
+    layout = OutputLayout(str(tmp_path))
+    done = DoneIds.load(layout, LOCAL)
+    assert len(done) == 3
+    assert done.contains(["s3://b/2.jpg", "s3://b/4.jpg", "s3://b/3.jpg"]).tolist() == [True, False, True]
+    assert not (tmp_path / "data" / "r2_a_000001-0.parquet").exists()  # removed, to be relabelled
+    assert [v for c in iter_column(layout, LOCAL, "id", run_id="r2") for v in c.to_pylist()] == ["s3://b/3.jpg"]
+    assert DoneIds.load(OutputLayout(str(tmp_path / "empty")), LOCAL).contains(["x"]).tolist() == [False]
+
+
+def test_done_ids_are_sorted_unique_digests_of_every_file(tmp_path):
+    """Ids repeated across files (two runs that overlapped) count once; lookups still work."""
+    ids = [f"s3://b/{i}.jpg" for i in range(500)]
+    write_rows(tmp_path, "r1_a_000000-0.parquet", ids[:300])
+    write_rows(tmp_path, "r2_a_000000-0.parquet", ids[200:])  # 200..299 in both
+    done = DoneIds.load(OutputLayout(str(tmp_path)), LOCAL)
+    assert len(done) == 500
+    assert (done.digests[:-1] < done.digests[1:]).all()  # strictly increasing: sorted, no repeats
+    assert done.contains(ids[::-1] + ["s3://b/500.jpg"]).tolist() == [True] * 500 + [False]
+
+
+def test_output_files_are_read_several_at_once_and_yielded_in_order(tmp_path, monkeypatch):
+    """On object storage every file read waits on requests: iter_column keeps several in flight."""
+    for i in range(4):
+        write_rows(tmp_path, f"r1_a_{i:06d}-0.parquet", [f"s3://b/{i}.jpg"])
+    together = threading.Barrier(4, timeout=30)  # a sequential reader would break it
+    real = sink._read_columns
+
+    def read(fs, path, columns):
+        together.wait()
+        return real(fs, path, columns)
+
+    monkeypatch.setattr(sink, "_read_columns", read)
+    values = [v for chunk in iter_column(OutputLayout(str(tmp_path)), LOCAL, "id") for v in chunk.to_pylist()]
+    assert values == [f"s3://b/{i}.jpg" for i in range(4)]
+
+
+def test_an_output_file_that_cannot_be_fetched_is_kept_and_the_run_stops(tmp_path, monkeypatch):
+    """Only a file that is not Parquet (a partial write) is removed; a network or permission
+    error says nothing about the file, so it stays and the error names it."""
+    write_rows(tmp_path, "r1_a_000000-0.parquet", ["s3://b/1.jpg"])
+    write_rows(tmp_path, "r1_a_000001-0.parquet", ["s3://b/2.jpg"])
+    real = pq.ParquetFile
+
+    def flaky(source, *args, **kwargs):
+        if "000001" in getattr(source, "path", str(source)):
+            raise ConnectionError("connection reset by peer")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(sink.pq, "ParquetFile", flaky)
+    with pytest.raises(SourceError, match="000001-0.parquet: cannot read .*ConnectionError.*nothing was removed"):
+        DoneIds.load(OutputLayout(str(tmp_path)), LOCAL)
+    assert (tmp_path / "data" / "r1_a_000001-0.parquet").exists()
+
+
+def test_done_ids_lookup_across_digest_chunks(monkeypatch):
+    monkeypatch.setattr("pipeline.data.output.CONTAINS_CHUNK", 3)
+    done = DoneIds(np.sort(id_digests(["a", "b", "c", "d"])))
+    assert done.contains(["x", "a", "b", "y", "d", "z", "c"]).tolist() == [False, True, True, False, True, False, True]
+    assert done.contains([]).tolist() == []
+
+
+def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
+    start_output(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
+    write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
+    check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)  # same: fine
+    with pytest.raises(ConfigError, match=r"scoring: \{'crops': 60\} -> \{'crops': 30\}.*--overwrite"):
+        check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=False)
+    check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
+    assert (tmp_path / "data" / "r_a_000000-0.parquet").exists()  # checking removes nothing
+    start_output(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
+    assert not (tmp_path / "data").exists()
+    assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["scoring"] == {"crops": 30}
+
+
+def test_shards_read_whole_are_recorded_per_run_and_forgotten_on_overwrite(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    assert len(completed_shards(layout, LOCAL)) == 0  # nothing recorded yet
+    record_shards(layout, LOCAL, "r1", [])
+    assert not (tmp_path / "_lgca" / "shards").exists()  # a run without shards writes nothing
+    record_shards(layout, LOCAL, "r1", [("s3://b/a.tar", "10:e1"), ("s3://b/b.tar", "20:e2")])
+    record_shards(layout, LOCAL, "r2", [("s3://b/c.tar", "30:e3"), ("s3://b/a.tar", "10:e1")])
+    assert sorted(p.name for p in (tmp_path / "_lgca" / "shards").iterdir()) == ["r1.parquet", "r2.parquet"]
+    table = pq.read_table(tmp_path / "_lgca" / "shards" / "r1.parquet")
+    assert table.to_pylist() == [{"uri": "s3://b/a.tar", "version": "10:e1"}, {"uri": "s3://b/b.tar", "version": "20:e2"}]
+    done = completed_shards(layout, LOCAL)
+    assert len(done) == 3  # a.tar recorded twice, counted once
+    keys = [shard_key("s3://b/a.tar", "10:e1"), shard_key("s3://b/a.tar", "11:e9"), shard_key("s3://b/c.tar", "30:e3"),
+            shard_key("s3://b/d.tar", "10:e1")]
+    assert done.contains(keys).tolist() == [True, False, True, False]  # a new version is a new shard
+    start_output(layout, {"model": "a"}, LOCAL, overwrite=True)
+    assert len(completed_shards(layout, LOCAL)) == 0
+    record_shards(layout, LOCAL, "r3", [("s3://b/a.tar", "10:e1")])
+    forget_shards(layout, LOCAL)
+    assert len(completed_shards(layout, LOCAL)) == 0
+    forget_shards(layout, LOCAL)  # nothing recorded: nothing to do
+
+
+def test_a_foreign_parquet_file_in_the_data_folder_is_refused_not_deleted(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
+    pq.write_table(pa.table({"label": ["cat"], "n": [3]}), tmp_path / "data" / "label_counts.parquet")
+    with pytest.raises(SourceError, match=r"label_counts.parquet: a Parquet file without the column\(s\) id.*move it"):
+        DoneIds.load(layout, LOCAL, [])
+    assert (tmp_path / "data" / "label_counts.parquet").exists()
+
+
+def test_a_cut_shard_record_is_removed_and_unversioned_shards_are_not_recorded(tmp_path, caplog):
+    layout = OutputLayout(str(tmp_path))
+    record_shards(layout, LOCAL, "r1", [("s3://b/a.tar", "10:e1"), ("s3://b/x.tar", None)])
+    assert pq.read_table(tmp_path / "_lgca" / "shards" / "r1.parquet").column("uri").to_pylist() == ["s3://b/a.tar"]
+    (tmp_path / "_lgca" / "shards" / "r2.parquet").write_bytes(b"PAR1 cut")  # a run killed while recording
+    done = completed_shards(layout, LOCAL)
+    assert done.contains([shard_key("s3://b/a.tar", "10:e1")]).tolist() == [True] and len(done) == 1
+    assert not (tmp_path / "_lgca" / "shards" / "r2.parquet").exists()
+    assert "its shards will be read again" in caplog.text
+
+
+def test_error_rows_of_a_file_skip_row_groups_without_errors(tmp_path):
+    ids = [f"s3://b/{np.random.default_rng(i).bytes(24).hex()}.jpg" for i in range(30000)]  # incompressible
+    errors = [None] * 30000
+    errors[25000] = "decode: bad"
+    table = pa.table({"id": ids, "uri": ids, "error": pa.array(errors, pa.string()), "label": ["cat"] * 30000})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=10000)
+    read = []
+
+    class Counting(fsspec.implementations.local.LocalFileSystem):
+        def open(self, path, mode="rb", **kwargs):
+            handle = super().open(path, mode, **kwargs)
+            real = handle.read
+            handle.read = lambda *args: read.append(len(out := real(*args))) or out
+            return handle
+
+    rows, failed = sink.error_rows(Counting(), str(tmp_path / "f.parquet"))
+    assert rows == 30000 and failed.to_pylist() == [{"error": "decode: bad"}]
+    assert sum(read) < (tmp_path / "f.parquet").stat().st_size / 2  # two of three row groups left unread
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_shard_marks_round_trip_and_removal(where, tmp_path, request):
+    if where == "s3":
+        storage = StorageConfig(endpoint_url=request.getfixturevalue("moto_endpoint"))
+        root = f"s3://{request.getfixturevalue('bucket')}/out"
+    else:
+        storage, root = LOCAL, str(tmp_path / "out")
+    marks = sink.ShardMarks(sink.OutputLayout(root).reading("r1"))
+    shards = ["s3://in/a.tar", "s3://in/b.tar", "s3://in/deep/c.parquet", "s3://in/d.tar"]
+    assert marks.marked(shards, storage) == [False] * 4  # no folder yet
+    marks.create(storage)
+    marks.mark(shards[0], storage, whole=True)
+    marks.mark(shards[2], storage, whole=True)
+    marks.mark(shards[3], storage, whole=False)
+    assert marks.marked(shards, storage) == [True, False, True, False]
+    marks.mark(shards[3], storage, whole=True)  # a later attempt read it whole: the break still counts
+    marks.mark(shards[0], storage, whole=False)
+    assert marks.marked(shards, storage) == [False, False, True, False]
+    marks.remove(storage)
+    assert marks.marked(shards, storage) == [False] * 4
+    marks.remove(storage)  # removing twice is no error
+
+
+class ReadOnly(fsspec.implementations.local.LocalFileSystem):
+    def open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            raise PermissionError(13, "Permission denied", path)
+        return super().open(path, mode, **kwargs)
+
+
+def test_a_whole_mark_that_cannot_be_written_is_logged_a_broken_one_raises(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sink, "filesystem", lambda uri, storage: (ReadOnly(), uri))
+    marks = sink.ShardMarks(str(tmp_path / "reading" / "r1"))
+    marks.create(LOCAL)
+    marks.mark("s3://in/a.tar", LOCAL, whole=True)  # no exception: the shard is only read again next run
+    assert marks.marked(["s3://in/a.tar"], LOCAL) == [False]
+    assert "could not mark s3://in/a.tar read whole" in caplog.text
+    with pytest.raises(PermissionError):  # else another attempt's whole mark would vouch for the shard
+        marks.mark("s3://in/a.tar", LOCAL, whole=False)

@@ -1,0 +1,65 @@
+"""Pieces of the Ray Data plan that run without a cluster."""
+from __future__ import annotations
+
+import numpy as np
+
+from skimage import data as photos
+
+from pipeline.config import InputConfig, LabelJob, TextConfig
+from pipeline.data.output import DoneIds, OutputLayout, ShardMarks, id_digests
+from pipeline.distributed.plan import (FILES_PER_READ, RunFiles, WorkList, drop_done, read_items, work_items,
+                                       worker_env)
+from tests.support import encode, make_tar
+
+
+def test_drop_done_keeps_only_new_rows():
+    done = DoneIds(np.unique(id_digests(["t.tar#1.jpg", "t.tar#3.jpg"])))
+    batch = {"id": ["t.tar#1.jpg", "t.tar#2.jpg", "t.tar#3.jpg"], "bytes": [b"1", b"2", b"3"]}
+    kept = drop_done(batch, done)
+    assert kept == {"id": ["t.tar#2.jpg"], "bytes": [b"2"]}
+
+
+def test_work_items_group_files_and_keep_shards_alone():
+    work = WorkList(files=tuple(f"f{i}.jpg" for i in range(FILES_PER_READ + 3)), tars=("a.tar",),
+                    parquets=("p.parquet", "q.parquet"))
+    items = work_items(work)
+    assert [(i["kind"], len(i["uris"])) for i in items] == [
+        ("files", FILES_PER_READ), ("files", 3), ("tar", 1), ("parquet", 1), ("parquet", 1)]
+    assert [u for i in items if i["kind"] == "files" for u in i["uris"]] == list(work.files)
+
+
+def test_file_names_carry_the_run_id_and_write_uuid():
+    name = RunFiles("20261125T000000Z-abcdef").get_filename_for_task("uuid42", 7)
+    assert name == "20261125T000000Z-abcdef_uuid42_000007.parquet"
+
+
+def test_worker_env_forwards_aws_settings_only(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    assert worker_env() == {}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    monkeypatch.setenv("HOME_SECRET", "not forwarded")
+    assert worker_env() == {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+                                                         "AWS_PROFILE": "lab"}}}
+
+
+def test_shards_are_marked_whole_or_broken_and_one_break_outweighs_a_whole_reading(tmp_path):
+    whole = make_tar({"1.jpg": encode(photos.astronaut()), "2.jpg": encode(photos.coffee())})
+    for name in ("a.tar", "again.tar"):
+        (tmp_path / name).write_bytes(whole)
+    (tmp_path / "cut.tar").write_bytes(whole[:len(whole) // 2])  # breaks off inside 2.jpg
+    (tmp_path / "x.jpg").write_bytes(encode(photos.rocket()))
+    uris = [str(tmp_path / name) for name in ("a.tar", "cut.tar", "again.tar", "x.jpg")]
+    job = LabelJob(inputs=InputConfig((str(tmp_path),)), output=str(tmp_path / "out"), text=TextConfig(classes="a,b"))
+    marks = ShardMarks(OutputLayout(job.output).reading("r1"))
+    marks.create(job.storage)
+    marks.mark(uris[1], job.storage, whole=True)  # an earlier attempt of the same read task read it whole
+    marks.mark(uris[2], job.storage, whole=False)  # an earlier attempt broke off (its rows may be the ones kept)
+    done = DoneIds(np.unique(id_digests([f"{uris[0]}#1.jpg"])))
+    batch = {"kind": np.array(["tar", "tar", "tar", "files"]), "uris": [np.array([u]) for u in uris]}
+    rows = [i for piece in read_items(batch, job, done, marks) for i in piece["id"]]
+    assert rows == [f"{uris[0]}#2.jpg", f"{uris[1]}#1.jpg", f"{uris[1]}#", f"{uris[2]}#1.jpg", f"{uris[2]}#2.jpg",
+                    uris[3]]
+    assert marks.marked(uris, job.storage) == [True, False, False, False]  # loose files are never marked
