@@ -5,9 +5,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.commands import bench, evaluate, explain, query
-from pipeline.commands.submit import submit
-from pipeline.config import ConfigError, SourceError
+from pipeline.commands import bench, evaluate, explain, query, submit
+from pipeline.config import LgcaError
 from pipeline.options import add_label_arguments, job_from_args
 
 
@@ -37,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, SourceError) as exc:
+    except LgcaError as exc:  # the one place an error becomes a message and an exit status
         print(f"lgca {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

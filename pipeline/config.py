@@ -12,8 +12,10 @@ import math
 import os
 import re
 
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
 import fsspec
-from dataclasses import dataclass
 
 METHODS = ("clip", "cupl", "wca", "lgca")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -50,6 +52,17 @@ class SubmitError(LgcaError, RuntimeError):
     exit_code = 1
 
 
+def option(help: str, default: Any = MISSING, flag: str = "") -> Any:
+    """A config field that is also a command-line flag and a YAML job-file key.
+
+    ``help`` is its one-line description (shown by ``--help`` with the default); ``flag``
+    is its name there when it is not the field's name with '-' for '_'. :mod:`pipeline.options`
+    builds every flag and key from these fields.
+    """
+    metadata = {"help": help, "flag": flag}
+    return field(metadata=metadata) if default is MISSING else field(default=default, metadata=metadata)
+
+
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field}: {message}")
@@ -81,19 +94,19 @@ def parse_aggregation(value: str, steps: int) -> tuple[float, ...]:
 class ScoringParams:
     """Parameters of the four scoring methods (symbols of METHOD.md in comments)."""
 
-    method: str = "lgca"  # which method's score gives the label: clip, cupl, wca, lgca
-    crops: int = 60  # N, random square crops per image
-    alpha: float = 0.5  # smallest crop side as a fraction of min(H, W)
-    beta: float = 0.9  # largest crop side as a fraction of min(H, W)
-    lambda_v: float = math.e ** 4  # temperature of the crop weights w_i
-    lambda_t: float = math.e ** 2  # temperature of the description weights v_cj
-    steps: int = 3  # T, LGCA expansion steps
-    expand_top: int = 6  # K, crops expanded per step
-    expand_ratio: float = 1.25  # r, side-length growth per expansion
-    aggregation: str = "mean"  # 'mean', 'last', or T+1 comma-separated step weights
-    top_k: int = 5  # labels and scores kept per image and per step
-    seed: int = 0  # run seed; crops of an image depend only on (seed, image id)
-    encode_batch_size: int = 0  # crops per image-encoder pass; 0 = auto (engine.encode_chunk)
+    method: str = option("which method's score gives the label: clip, cupl, wca or lgca", "lgca")
+    crops: int = option("N, random square crops per image", 60)
+    alpha: float = option("smallest crop side as a fraction of min(H, W)", 0.5)
+    beta: float = option("largest crop side as a fraction of min(H, W)", 0.9)
+    lambda_v: float = option("temperature of the crop weights w_i (e^4)", math.e ** 4)
+    lambda_t: float = option("temperature of the description weights v_cj (e^2)", math.e ** 2)
+    steps: int = option("T, LGCA expansion steps", 3)
+    expand_top: int = option("K, crops expanded per step", 6)
+    expand_ratio: float = option("r, side-length growth per expansion", 1.25)
+    aggregation: str = option("how steps add up: mean, last, or T+1 comma-separated step weights", "mean")
+    top_k: int = option("labels and scores kept per image and per step", 5)
+    seed: int = option("run seed; the crops of an image depend only on (seed, image id)", 0)
+    encode_batch_size: int = option("crops per image-encoder pass; 0 = auto: 32 on a CPU, 256 on a GPU", 0)
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
@@ -132,11 +145,11 @@ class ScoringParams:
 class ModelConfig:
     """Which CLIP model to load and how to run it."""
 
-    name: str = "ViT-B-32"  # open_clip model name, or path to an open_clip model-config JSON
-    pretrained: str = "openai"  # open_clip tag, local checkpoint, fsspec URI, or 'none'
-    device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'
-    precision: str = "fp32"  # fp32, fp16 or bf16
-    cache_dir: str = ""  # where remote checkpoints are cached; '' means ~/.cache/lgca
+    name: str = option("open_clip model name, or an open_clip model-config JSON file", "ViT-B-32", flag="model")
+    pretrained: str = option("weights: an open_clip tag, a checkpoint file or URI, or none (random)", "openai")
+    device: str = option("auto (CUDA when present), cpu, cuda or cuda:N", "auto")
+    precision: str = option("fp32, fp16 (GPUs only) or bf16", "fp32")
+    cache_dir: str = option("where remote checkpoints are cached; '' = ~/.cache/lgca", "")
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model", "must name an open_clip model or a config JSON")
@@ -155,10 +168,10 @@ class ModelConfig:
 class TextConfig:
     """Where the class names, descriptions and prompt templates come from."""
 
-    classes: str  # a text file (one class a line), a JSON list file, or inline "cat,dog"
-    descriptions: str = ""  # CuPL or descriptor JSON file; '' uses the prompts as descriptions
-    descriptions_format: str = "auto"  # 'cupl', 'descriptors' or 'auto' (detected from content)
-    templates: str = ""  # JSON list of '{}' templates; '' means ["a photo of a {}."]
+    classes: str = option("class names: a text file (one a line), a JSON list file, or inline 'cat,dog'")
+    descriptions: str = option("CuPL or descriptor JSON file; '' uses the prompts as descriptions", "")
+    descriptions_format: str = option("cupl, descriptors or auto (detected from the file)", "auto")
+    templates: str = option("JSON list of '{}' prompt templates; '' = [\"a photo of a {}.\"]", "")
 
     def __post_init__(self) -> None:
         _require(bool(self.classes.strip()), "classes", "give a file of class names or a comma-separated list")
@@ -170,20 +183,16 @@ class TextConfig:
 class StorageConfig:
     """How to reach object storage; only S3 (s3fs) takes options today."""
 
-    endpoint_url: str = ""  # S3-compatible endpoint; '' -> AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL env, else AWS
-    anon: bool = False  # anonymous access, for public buckets
-    profile: str = ""  # AWS profile name; '' -> default chain (AWS_* env vars, ~/.aws, instance role)
-    region: str = ""  # AWS region; '' -> AWS_REGION / AWS_DEFAULT_REGION / profile setting
+    endpoint_url: str = option("S3-compatible endpoint URL; '' = AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS", "")
+    anon: bool = option("anonymous object-storage access, for public buckets", False)
+    profile: str = option("AWS profile; '' = the default chain (AWS_* variables, ~/.aws, instance role)", "")
+    region: str = option("AWS region; '' = AWS_REGION, AWS_DEFAULT_REGION or the profile's", "")
 
     def __post_init__(self) -> None:
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ConfigError(f"endpoint_url: {self.endpoint_url!r} must start with http:// or https://")
         if self.anon and self.profile:
             raise ConfigError("profile: anonymous access (anon=True) uses no credentials; drop profile or anon")
-
-    def options_for(self, uri: str) -> dict:
-        """fsspec ``storage_options`` for the protocol of ``uri``."""
-        return self.storage_options(fsspec.utils.get_protocol(uri))
 
     def storage_options(self, protocol: str) -> dict:
         """fsspec ``storage_options`` for ``protocol``: s3fs keyword arguments for s3/s3a, else ``{}``.
@@ -220,10 +229,10 @@ INPUT_FORMATS = ("auto", "files", "tar", "parquet")
 class InputConfig:
     """What to label: image files, WebDataset tar shards or Parquet files."""
 
-    uris: tuple[str, ...]  # folders, prefixes, globs or single files; local or any fsspec URL
-    format: str = "auto"  # 'files', 'tar', 'parquet', or 'auto' (from each URI's extension)
-    image_column: str = "image"  # Parquet: the column holding encoded image bytes
-    id_column: str = "id"  # Parquet: the column holding the image id ('' = file URI + row number)
+    uris: tuple[str, ...] = option("folder, prefix, glob or file to label, local or any fsspec URL (repeatable)", flag="input")
+    format: str = option("files, tar, parquet, or auto (from each input's extension)", "auto", flag="input-format")
+    image_column: str = option("Parquet: the column of encoded image bytes", "image")
+    id_column: str = option("Parquet: the column of image ids; '' = <file uri>#<row number>", "id")
 
     def __post_init__(self) -> None:
         _require(len(self.uris) > 0, "input", "give at least one --input folder, prefix, glob or file")
@@ -241,14 +250,14 @@ AUTO_ROWS_PER_FILE_GPU = 4096  # under 20 s of one H200's lgca output with ViT-B
 class ResourceConfig:
     """How the job uses the cluster."""
 
-    actors_min: int = 1  # model actors to start with
-    actors_max: int = 1  # model actors to scale up to (autoscaling when larger than actors_min)
-    gpus_per_actor: float = 0.0  # GPUs each model actor reserves; 0 runs the model on CPUs
-    cpus_per_actor: float = 1.0  # CPUs each model actor reserves
-    threads_per_actor: int = 0  # torch threads of a model actor; 0 = its CPU reservation (Ray's default)
-    batch_size: int = 32  # images per model-actor call
-    rows_per_file: int = 0  # rows per output Parquet file at least; 0 = auto (see file_rows)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels become error rows
+    actors_min: int = option("model actors: N, or MIN-MAX to autoscale", 1, flag="actors")
+    actors_max: int = 1  # model actors to scale up to (autoscaling when larger than actors_min); set by --actors
+    gpus_per_actor: float = option("GPUs each model actor reserves; 0 runs the model on CPUs", 0.0)
+    cpus_per_actor: float = option("CPUs each model actor reserves", 1.0)
+    threads_per_actor: int = option("torch threads of a model actor; 0 = its CPU reservation", 0)
+    batch_size: int = option("images per model-actor call", 32)
+    rows_per_file: int = option("rows per output Parquet file; 0 = auto: one actor call on CPUs, 4096 with GPUs", 0)
+    max_pixels: int = option("images with more pixels become error rows", DEFAULT_MAX_PIXELS)
 
     def __post_init__(self) -> None:
         _require(1 <= self.actors_min <= self.actors_max, "actors",
@@ -279,15 +288,15 @@ class LabelJob:
     """Everything one ``lgca label`` run needs, validated as a whole before Ray starts."""
 
     inputs: InputConfig
-    output: str  # folder or prefix the Parquet labels and run metadata go to
+    output: str = option("folder or prefix the Parquet labels and run records go to")
     text: TextConfig
     model: ModelConfig = ModelConfig()
     scoring: ScoringParams = ScoringParams()
     resources: ResourceConfig = ResourceConfig()
     storage: StorageConfig = StorageConfig()
-    overwrite: bool = False  # relabel everything, replacing the existing output
-    address: str = ""  # Ray address; '' uses RAY_ADDRESS or starts a local Ray
-    name: str = "lgca-label"  # job name, used in submission ids
+    overwrite: bool = option("relabel everything, replacing the existing output", False)
+    address: str = option("Ray address; '' = RAY_ADDRESS, else a new local Ray", "")
+    name: str = option("job name, the start of its submission ids", "lgca-label")
 
     def __post_init__(self) -> None:
         _require(bool(self.output.strip()), "output", "give the folder or prefix to write labels to")

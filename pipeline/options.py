@@ -7,19 +7,21 @@ options into a validated :class:`~pipeline.config.LabelJob`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import fsspec
 import yaml
 
 from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
                              StorageConfig, TextConfig)
+from pipeline.storage import filesystem
 
 
 @dataclass(frozen=True)
 class Option:
-    """One job option: its flag, the config section and field it fills, and its type."""
+    """One job option: its flag, the config section and field it fills, its type and default."""
 
     flag: str  # the command-line flag without dashes, also the YAML key
     section: str  # LabelJob field holding the config object ('' for LabelJob itself)
@@ -27,54 +29,48 @@ class Option:
     kind: type = str  # str, int, float, or bool for an on/off flag (a flag without a value)
     help: str = ""
     multiple: bool = False  # may be given several times (a YAML list)
+    default: Any = None  # the config's default; None where the option is required
+
+    @property
+    def described(self) -> str:
+        """The help text with the default, as ``--help`` shows it."""
+        if self.default is None:
+            return f"{self.help} (required)"
+        if self.kind is bool:
+            return self.help
+        shown = f"{self.default:.6g}" if isinstance(self.default, float) else repr(self.default)
+        return f"{self.help} (default: {shown})"
 
 
-OPTIONS = (
-    Option("input", "inputs", "uris", help="folder, prefix, glob or file to label (repeatable)", multiple=True),
-    Option("input-format", "inputs", "format", help="files, tar, parquet or auto"),
-    Option("image-column", "inputs", "image_column", help="Parquet column with image bytes"),
-    Option("id-column", "inputs", "id_column", help="Parquet column with image ids"),
-    Option("output", "", "output", help="folder or prefix for the Parquet labels"),
-    Option("classes", "text", "classes", help="class file (.txt/.json) or inline 'cat,dog'"),
-    Option("descriptions", "text", "descriptions", help="CuPL or descriptor JSON file"),
-    Option("descriptions-format", "text", "descriptions_format", help="cupl, descriptors or auto"),
-    Option("templates", "text", "templates", help="JSON list of '{}' prompt templates"),
-    Option("model", "model", "name", help="open_clip model name or model-config JSON"),
-    Option("pretrained", "model", "pretrained", help="open_clip tag, checkpoint path or URI, or none"),
-    Option("device", "model", "device", help="auto, cpu, cuda or cuda:N"),
-    Option("precision", "model", "precision", help="fp32, fp16 or bf16"),
-    Option("cache-dir", "model", "cache_dir", help="where remote checkpoints are cached"),
-    Option("method", "scoring", "method", help="clip, cupl, wca or lgca (default lgca)"),
-    Option("crops", "scoring", "crops", int, "crops per image (N)"),
-    Option("alpha", "scoring", "alpha", float, "smallest crop side / min(H, W)"),
-    Option("beta", "scoring", "beta", float, "largest crop side / min(H, W)"),
-    Option("lambda-v", "scoring", "lambda_v", float, "crop-weight temperature"),
-    Option("lambda-t", "scoring", "lambda_t", float, "description-weight temperature"),
-    Option("steps", "scoring", "steps", int, "LGCA expansion steps (T)"),
-    Option("expand-top", "scoring", "expand_top", int, "crops expanded per step (K)"),
-    Option("expand-ratio", "scoring", "expand_ratio", float, "side growth per expansion (r)"),
-    Option("aggregation", "scoring", "aggregation", help="mean, last or T+1 comma-separated weights"),
-    Option("top-k", "scoring", "top_k", int, "labels kept per image and step"),
-    Option("seed", "scoring", "seed", int, "run seed for the crops"),
-    Option("encode-batch-size", "scoring", "encode_batch_size", int,
-           "crops per encoder pass (0 = auto: 32 on a CPU, 256 on a GPU)"),
-    Option("batch-size", "resources", "batch_size", int, "images per model-actor call"),
-    Option("rows-per-file", "resources", "rows_per_file", int,
-           "rows per output Parquet file (0 = auto: one actor call on CPUs, 4096 with GPUs)"),
-    Option("actors", "resources", "actors", help="model actors: N or MIN-MAX"),
-    Option("gpus-per-actor", "resources", "gpus_per_actor", float, "GPUs per model actor"),
-    Option("cpus-per-actor", "resources", "cpus_per_actor", float, "CPUs per model actor"),
-    Option("threads-per-actor", "resources", "threads_per_actor", int,
-           "torch threads per model actor (default: its CPUs)"),
-    Option("max-pixels", "resources", "max_pixels", int, "larger images become error rows"),
-    Option("endpoint-url", "storage", "endpoint_url", help="S3-compatible endpoint URL"),
-    Option("anon", "storage", "anon", bool, "anonymous object-storage access"),
-    Option("profile", "storage", "profile", help="AWS profile"),
-    Option("region", "storage", "region", help="AWS region"),
-    Option("overwrite", "", "overwrite", bool, "relabel everything, replacing the output"),
-    Option("address", "", "address", help="Ray address (default: RAY_ADDRESS or a local Ray)"),
-    Option("name", "", "name", help="job name"),
-)
+def _options_of(cls: type, section: str) -> list[Option]:
+    """The options of the fields of config class ``cls`` that carry ``option()`` metadata."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for item in dataclasses.fields(cls):
+        if "help" not in item.metadata:
+            continue
+        kind, multiple = hints[item.name], False
+        if typing.get_origin(kind) is tuple:
+            kind, multiple = typing.get_args(kind)[0], True
+        default = None if item.default is dataclasses.MISSING else item.default
+        if item.name == "actors_min":
+            kind, default = str, "1"
+        found.append(Option(item.metadata["flag"] or item.name.replace("_", "-"), section, item.name, kind,
+                            item.metadata["help"], multiple, default))
+    return found
+
+
+def _job_options() -> tuple[Option, ...]:
+    """Every option of :class:`LabelJob`, in the order ``--help`` lists them: inputs and output,
+    then each config section, then the job's other fields."""
+    own = {option.field: option for option in _options_of(LabelJob, "")}
+    hints = typing.get_type_hints(LabelJob)
+    sections = [_options_of(hints[item.name], item.name) for item in dataclasses.fields(LabelJob)
+                if dataclasses.is_dataclass(hints[item.name])]
+    return tuple(sections[0] + [own.pop("output")] + [o for found in sections[1:] for o in found] + list(own.values()))
+
+
+OPTIONS = _job_options()
 BY_KEY = {option.flag: option for option in OPTIONS}
 # The options that shape one image's scores (text, model, scoring without method and top-k,
 # storage): what `lgca explain` and `lgca eval` take from `lgca label`.
@@ -88,10 +84,10 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         if option.kind is bool:
             parser.add_argument(f"--{option.flag}", action="store_const", const=True, default=None,
-                                help=option.help)
+                                help=option.described)
         else:
             parser.add_argument(f"--{option.flag}", action="append" if option.multiple else "store",
-                                help=option.help)
+                                help=option.described)
 
 
 def add_option_arguments(parser: argparse.ArgumentParser, flags: Sequence[str], required: Sequence[str] = ()) -> None:
@@ -100,9 +96,9 @@ def add_option_arguments(parser: argparse.ArgumentParser, flags: Sequence[str], 
     for flag in flags:
         option = BY_KEY[flag]
         if option.kind is bool:
-            parser.add_argument(f"--{flag}", action="store_const", const=True, default=None, help=option.help)
+            parser.add_argument(f"--{flag}", action="store_const", const=True, default=None, help=option.described)
         else:
-            parser.add_argument(f"--{flag}", type=option.kind, required=flag in required, help=option.help)
+            parser.add_argument(f"--{flag}", type=option.kind, required=flag in required, help=option.described)
 
 
 def given_options(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -133,7 +129,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_job_file(uri: str) -> dict[str, Any]:
     """Read a YAML job file into ``{flag: value}``; unknown, repeated and empty keys are errors."""
     try:
-        with fsspec.open(uri, "r") as handle:
+        fs, path = filesystem(uri, StorageConfig())
+        with fs.open(path, "r") as handle:
             data = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config: job file {uri} not found") from None

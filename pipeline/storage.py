@@ -6,12 +6,16 @@ bytes written to a URI, and the one rule for which environment settings travel t
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import StorageConfig
+
+T = TypeVar("T")
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -81,3 +85,21 @@ def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> Non
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as handle:
         json.dump(content, handle, indent=2, sort_keys=True)
+
+
+def read_ahead(read: Callable[[T], Any], items: Iterable[T], threads: int) -> Iterator[tuple[T, Future]]:
+    """``(item, future of read(item))`` for each of ``items``, in order, with ``threads`` reads
+    running at once and at most twice as many finished ahead of the caller, so memory stays
+    bounded however many items there are. On an error or an early stop, queued reads are
+    dropped rather than waited for."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lgca-read-ahead")
+    try:
+        ahead: deque[tuple[T, Future]] = deque()
+        for item in items:
+            ahead.append((item, pool.submit(read, item)))
+            if len(ahead) >= 2 * threads:
+                yield ahead.popleft()
+        while ahead:
+            yield ahead.popleft()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

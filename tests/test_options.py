@@ -76,11 +76,11 @@ def job_file(tmp_path, text: str) -> str:
 
 
 @pytest.mark.parametrize("text,message", [
-    ("crops: 2.9\n", "crops: 2.9 is not valid; expected a whole number for crops per image (N)"),
+    ("crops: 2.9\n", "crops: 2.9 is not valid; expected a whole number for N, random square crops per image"),
     ("seed: 1.7\n", "seed: 1.7 is not valid; expected a whole number"),
     ("top-k: true\n", "top-k: True is not valid; expected a whole number"),
     ("alpha: false\n", "alpha: False is not valid; expected a number"),
-    ("name: 2025\n", "name: 2025 is not valid; expected a string for job name; put it in quotes if it is meant "
+    ("name: 2025\n", "name: 2025 is not valid; expected a string for job name, the start of its submission ids; put it in quotes if it is meant "
                      "as text (name: \"2025\")"),
     ("model: [ViT-B-32]\n", "model: ['ViT-B-32'] is not valid; expected a string"),
     ("anon: 'yes'\n", "anon: 'yes' is not valid; expected true or false"),

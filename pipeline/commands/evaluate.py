@@ -28,6 +28,7 @@ import torch
 from pipeline.config import (ConfigError, DEFAULT_MAX_PIXELS, ModelConfig, ScoringParams, SourceError,
                              StorageConfig, TextConfig, to_dict)
 from pipeline.data.decode import DecodeLimits, Decoded, decode_image
+from pipeline.data.rows import error_reason
 from pipeline.data.sources import detect_kind, iter_parquet_rows, list_image_files, list_shards, read_file
 from pipeline.method.engine import BatchScores, Engine, ImageInput
 from pipeline.model.classes import ClassSet, load_class_set, normalize_name
@@ -207,7 +208,7 @@ class Tally:
 
     def add_error(self, message: str) -> None:
         """Count an image that could not be scored, under the reason its message starts with."""
-        reason = message.split(":", 1)[0]
+        reason = error_reason(message)
         self.errors += 1
         self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1
 
@@ -302,7 +303,7 @@ def run_eval(cfg: EvalConfig, predictions: str = "") -> EvalResult:
     """Evaluate every method on ``cfg.data``; per-image rows go to ``predictions`` when given."""
     classes = load_class_set(cfg.text, cfg.storage)
     samples = list_samples(cfg, classes.names)
-    loaded = load_model(cfg.model, cfg.storage.options_for(cfg.model.pretrained))
+    loaded = load_model(cfg.model, cfg.storage)
     engine = Engine.for_classes(loaded, classes, cfg.scoring)
     limits = DecodeLimits.for_model(loaded.preprocess.image_size, cfg.scoring, cfg.max_pixels)
     tally = Tally(k=min(TOP_K, len(classes.names)), step_top1=[0] * (cfg.scoring.steps + 1))

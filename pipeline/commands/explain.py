@@ -208,7 +208,7 @@ def explain_image(uri: str, text: TextConfig, model: ModelConfig, scoring: Scori
     if scoring.method != "lgca":
         raise ConfigError(f"method: explain shows LGCA steps; got method={scoring.method!r}")
     classes = load_class_set(text, storage)
-    loaded = load_model(model, storage.options_for(model.pretrained))
+    loaded = load_model(model, storage)
     limits = DecodeLimits.for_model(loaded.preprocess.image_size, scoring)
     image = read_image(uri, storage, limits, image_id)
     engine = Engine.for_classes(loaded, classes, scoring)

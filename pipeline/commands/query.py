@@ -1,11 +1,7 @@
 """``lgca query`` and ``lgca summary``: SQL (DuckDB) over an output folder's labels.
 
-The Parquet files under ``OUTPUT/data`` are opened as one pyarrow dataset through
-fsspec (the filesystem the pipeline writes with, so local folders and ``s3://`` work
-alike) and registered with DuckDB as the view ``labels``; DuckDB scans it lazily, with
-column projection and filter pushdown. DuckDB's own S3 support (the ``httpfs``
-extension) is not used: it is downloaded from the internet on first use, which
-offline clusters cannot do. docs/querying.md describes both commands.
+The rows are DuckDB's view ``labels`` (:mod:`pipeline.data.labels`). docs/querying.md
+describes both commands.
 """
 from __future__ import annotations
 
@@ -20,17 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import QueryError, StorageConfig
-from pipeline.data.output import OutputLayout, data_files
-from pipeline.data.rows import SCHEMA
+from pipeline.data.labels import LABELS_VIEW, connect, run_sql
+from pipeline.data.output import Output
+from pipeline.data.rows import ERROR_REASON_SQL
 from pipeline.options import add_option_arguments, given_options
-from pipeline.storage import filesystem, read_json
+from pipeline.storage import filesystem
 
-LABELS_VIEW = "labels"
 RESULT_VIEW = "lgca_result"
 SUMMARY_TABLE = "lgca_summary"  # summarize's one-scan aggregate
 FORMATS = ("table", "csv", "json", "parquet")
@@ -43,8 +37,6 @@ RUN_FIELDS = ("run_id", "name", "started_at", "finished_at", "seconds", "images_
               "counts", "error_reasons", "model", "scoring")
 
 
-
-
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     """The object-storage flags of ``lgca label`` (``--endpoint-url`` ...), same names and help."""
     add_option_arguments(parser, STORAGE_FLAGS)
@@ -53,39 +45,6 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 def storage_from_args(args: argparse.Namespace) -> StorageConfig:
     """The :class:`StorageConfig` given by the flags of :func:`add_storage_arguments`."""
     return StorageConfig(**given_options(args, STORAGE_FLAGS)["storage"])
-
-
-def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
-    """Every data file of ``output`` as one lazily read pyarrow dataset with the output SCHEMA."""
-    layout = OutputLayout(output)
-    fs, _ = filesystem(layout.data, storage)
-    try:
-        paths = data_files(layout, storage)
-    except OSError as exc:  # s3fs reports missing buckets and refused credentials as OSError
-        raise QueryError(f"cannot list {layout.data}: {type(exc).__name__}: {exc}") from None
-    if not paths:
-        raise QueryError(f"no labels under {layout.data}; run lgca label first")
-    return ds.dataset(paths, schema=SCHEMA, format="parquet",
-                      filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
-
-
-def connect(output: str, storage: StorageConfig) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the output's rows as the view ``labels``."""
-    con = duckdb.connect()
-    con.register(LABELS_VIEW, labels_dataset(output, storage))
-    return con
-
-
-def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
-    """The relation of ``sql`` (the last statement when there are several); DuckDB errors -> QueryError."""
-    try:
-        relation = con.sql(sql)
-    except duckdb.Error as exc:
-        raise QueryError(str(exc)) from None
-    if relation is None:
-        raise QueryError("the SQL returns no rows; give a query such as SELECT label, count(*) FROM labels "
-                         "GROUP BY label")
-    return relation
 
 
 def resolve_format(fmt: str | None, target: str) -> str:
@@ -210,24 +169,13 @@ def summary_table(con: duckdb.DuckDBPyConnection, margin: float, methods: tuple[
         "count(*) FILTER (WHERE len(topk_scores) >= 2) AS ranked, count(*) FILTER (WHERE len(topk_scores) >= 2 "
         "AND CAST(topk_scores[1] AS DOUBLE) - CAST(topk_scores[2] AS DOUBLE) < ?) AS low"
         f"{agreement} FROM (SELECT status, label, run_id, topk_scores{columns}, CASE WHEN status = 'error' THEN "
-        "coalesce(nullif(split_part(error, ':', 1), ''), '(no message)') END AS reason "
+        f"{ERROR_REASON_SQL} END AS reason "
         f"FROM {LABELS_VIEW}) GROUP BY GROUPING SETS ((status, label), (status, reason), (run_id))", [margin])
-
-
-def read_runs(output: str, storage: StorageConfig) -> list[dict[str, Any]]:
-    """The run metadata files ``OUTPUT/_lgca/runs/*.json``, ordered by run id."""
-    folder = OutputLayout(output).path("_lgca", "runs")
-    fs, path = filesystem(folder, storage)
-    fs.invalidate_cache()
-    if not fs.exists(path):
-        return []
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".json"))
-    return [read_json(f"{folder}/{name}", storage) for name in names]
 
 
 def output_method(output: str, storage: StorageConfig, runs: list[dict[str, Any]]) -> str | None:
     """The scoring method of the output's rows: from the manifest, else from the latest run."""
-    manifest = read_json(OutputLayout(output).manifest, storage) or {}
+    manifest = Output(output, storage).read_manifest() or {}
     method = manifest.get("scoring", {}).get("method")
     if method is None and runs:
         method = runs[-1].get("scoring", {}).get("method")
@@ -238,7 +186,7 @@ def summarize(output: str, storage: StorageConfig, margin: float = DEFAULT_MARGI
     """Count labels, errors, low-confidence rows and method agreement, in one scan of ``labels``."""
     con = connect(output, storage)  # first: no data (or no access) is a QueryError that says so
     try:
-        runs = read_runs(output, storage)
+        runs = Output(output, storage).runs()
         method = output_method(output, storage, runs)
         compared = tuple(name for name in COMPARED_METHODS if name != method)
         summary_table(con, margin, compared)
@@ -298,31 +246,19 @@ def format_summary(summary: Summary, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _report(command: str, exc: QueryError) -> int:
-    """Print a QueryError the way ``lgca`` prints configuration errors; exit status 2."""
-    print(f"lgca {command}: error: {exc}", file=sys.stderr)
-    return 2
-
-
 def _query(args: argparse.Namespace) -> int:
     storage = storage_from_args(args)
+    fmt = resolve_format(args.format, args.output_file)
+    con = connect(args.output, storage)
     try:
-        fmt = resolve_format(args.format, args.output_file)
-        con = connect(args.output, storage)
-        try:
-            write_result(con, run_sql(con, args.sql), fmt, args.output_file, storage, args.max_rows)
-        finally:
-            con.close()
-    except QueryError as exc:
-        return _report("query", exc)
+        write_result(con, run_sql(con, args.sql), fmt, args.output_file, storage, args.max_rows)
+    finally:
+        con.close()
     return 0
 
 
 def _summary(args: argparse.Namespace) -> int:
-    try:
-        summary = summarize(args.output, storage_from_args(args), args.margin)
-    except QueryError as exc:
-        return _report("summary", exc)
+    summary = summarize(args.output, storage_from_args(args), args.margin)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
     else:

@@ -277,11 +277,7 @@ def run_submit(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO
 
 
 def _handle(args: argparse.Namespace) -> int:
-    try:
-        return run_submit(args, os.environ, sys.stdout)
-    except SubmitError as exc:
-        print(f"lgca submit: error: {exc}", file=sys.stderr)
-        return 1
+    return run_submit(args, os.environ, sys.stdout)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

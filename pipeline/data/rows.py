@@ -105,3 +105,13 @@ def scored_table(ids: Sequence[str], uris: Sequence[str], widths: Sequence[int],
         "run_id": pa.array([run_id] * count, pa.string()),
     }
     return pa.table(columns, schema=SCHEMA)
+
+
+def error_reason(message: str | None) -> str:
+    """The reason an error row gives: its stage, the text of ``error`` before the first ':'
+    (``read``, ``decode``, ``tar`` ...; see docs/output-schema.md)."""
+    return (message or "").split(":", 1)[0] or "(no message)"
+
+
+# error_reason of the `error` column, in DuckDB's SQL
+ERROR_REASON_SQL = "coalesce(nullif(split_part(error, ':', 1), ''), '(no message)')"

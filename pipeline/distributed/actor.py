@@ -49,8 +49,7 @@ class LabelActor:
         if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
             torch.set_num_threads(threads)
         clock = time.monotonic()
-        options = storage.options_for(model.pretrained)
-        loaded = load_model(model, options)
+        loaded = load_model(model, storage)
         loaded_at = time.monotonic()
         self.names = classes.names
         self.scoring = scoring

@@ -17,13 +17,12 @@ from importlib import metadata
 from typing import Any, Sequence
 
 from pipeline.config import ConfigError, LabelJob, to_dict
-from pipeline.data.output import (DoneIds, OutputLayout, ShardMarks, check_manifest, completed_shards, error_rows,
-                                  forget_shards, iter_files, record_shards, shard_key, start_output)
+from pipeline.data.output import IdSet, Output, ShardMarks, shard_key
+from pipeline.data.rows import error_reason
 from pipeline.data.sources import check_parquet_columns, detect_kind, list_image_files, list_shard_versions
 from pipeline.distributed import plan
 from pipeline.model.classes import ClassSet, load_class_set
 from pipeline.model.loading import check_weights, model_input_size
-from pipeline.storage import write_json
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def _first_per_uri(shards: list[tuple[str, str | None]]) -> list[tuple[str, str 
     return list(first.items())
 
 
-def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
+def collect_work(job: LabelJob, done: IdSet, read_whole: IdSet) -> Listing:
     """List the inputs on the driver, leaving out labelled files and shards read whole before."""
     files, shards = [], {"tar": [], "parquet": []}
     for uri in job.inputs.uris:
@@ -108,23 +107,13 @@ def collect_work(job: LabelJob, done: DoneIds, read_whole: DoneIds) -> Listing:
                    shards=tuple(unread["tar"] + unread["parquet"]))
 
 
-def run_outcome(layout: OutputLayout, job: LabelJob, run_id: str, removed: list[str]) -> tuple[int, list[str]]:
-    """This run's row count and its error rows' messages (only those are read and become Python
-    objects), from its own data files; an unreadable one is removed and appended to ``removed``."""
-    rows, errors = 0, []
-    for count, failed in iter_files(layout, job.storage, error_rows, run_id, removed=removed):
-        rows += count
-        errors += failed.column("error").to_pylist()
-    return rows, errors
-
-
-def record_whole_shards(layout: OutputLayout, job: LabelJob, run_id: str,
-                        shards: Sequence[tuple[str, str | None]], marks: ShardMarks) -> None:
+def record_whole_shards(output: Output, run_id: str, shards: Sequence[tuple[str, str | None]],
+                        marks: ShardMarks) -> None:
     """Record the ``shards`` that ``marks`` show read to their end. Once the rows are written,
     a store error here is logged, not raised: unrecorded shards are only read again next run."""
     try:
-        whole = marks.marked([uri for uri, _ in shards], job.storage)
-        record_shards(layout, job.storage, run_id, [s for s, read in zip(shards, whole) if read])
+        whole = marks.marked([uri for uri, _ in shards])
+        output.record_shards(run_id, [s for s, read in zip(shards, whole) if read])
     except OSError as exc:
         log.warning("could not record the shards read whole (%s): the next run reads them again", exc)
 
@@ -142,8 +131,7 @@ def package_versions() -> dict[str, str]:
 def prepare(job: LabelJob) -> tuple[ClassSet, int]:
     """Driver-side validation that needs files: classes, model name and weights."""
     classes = load_class_set(job.text, job.storage)
-    weights_options = job.storage.options_for(job.model.pretrained)
-    check_weights(job.model, weights_options)
+    check_weights(job.model, job.storage)
     return classes, model_input_size(job.model.name)
 
 
@@ -190,44 +178,44 @@ def run_label_job(job: LabelJob) -> RunSummary:
     started, clock = datetime.now(timezone.utc), time.monotonic()
     check_local_resources(job)
     classes, image_size = prepare(job)
-    layout = OutputLayout(job.output)
+    output = Output(job.output, job.storage)
     manifest = fingerprint(job, classes)
-    check_manifest(layout, manifest, job.storage, job.overwrite)
+    output.check_manifest(manifest, job.overwrite)
     lost: list[str] = []  # partial data files removed while the output's ids are read
-    done = DoneIds.joined([]) if job.overwrite else DoneIds.load(layout, job.storage, lost)
+    done = IdSet.empty() if job.overwrite else output.labelled_ids(lost)
     # shard records vouch for rows in the output: not trusted when it has no data (deleted by
     # hand) or just lost a file (whose rows may belong to recorded shards); all are read then
     if len(done) and not lost:
-        read_whole = completed_shards(layout, job.storage)
+        read_whole = output.shards_read_whole()
     else:
-        read_whole = DoneIds.joined([])
+        read_whole = IdSet.empty()
         if not job.overwrite:
-            forget_shards(layout, job.storage)
+            output.forget_shards()
     listing = collect_work(job, done, read_whole)
-    start_output(layout, manifest, job.storage, job.overwrite)
+    output.start(manifest, job.overwrite)
     run_id = new_run_id()
-    marks = ShardMarks(layout.reading(run_id)) if listing.shards else None
+    marks = output.marks(run_id) if listing.shards else None
     try:
         if not listing.work.empty:
             if marks is not None:
-                marks.create(job.storage)
+                marks.create()
             start_ray(job)
             dataset = plan.build(listing.work, job, classes, done, run_id, image_size, marks)
-            plan.write(dataset, layout, job, run_id)
+            plan.write(dataset, output, job, run_id)
         own_lost: list[str] = []
-        rows, errors = run_outcome(layout, job, run_id, own_lost)
+        rows, errors = output.run_outcome(run_id, own_lost)
         # every row is written now; only shards read to their end are recorded, and none if a
         # file of this run could not be read (it may hold any shard's rows)
         if marks is not None and not own_lost:
-            record_whole_shards(layout, job, run_id, listing.shards, marks)
+            record_whole_shards(output, run_id, listing.shards, marks)
     finally:
         if marks is not None:
-            marks.remove(job.storage)
-    reasons = dict(Counter(message.split(":", 1)[0] for message in errors))
+            marks.remove()
+    reasons = dict(Counter(error_reason(message) for message in errors))
     summary = RunSummary(run_id=run_id, output=job.output, ok=rows - len(errors), errors=len(errors),
                          skipped=listing.skipped_files, seconds=time.monotonic() - clock, error_reasons=reasons,
                          skipped_shards=listing.skipped_shards)
-    write_json(layout.run(run_id), run_metadata(job, classes, summary, started), job.storage)
+    output.write_run(run_id, run_metadata(job, classes, summary, started))
     return summary
 
 

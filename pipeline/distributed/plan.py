@@ -16,7 +16,7 @@ from ray.data.datasource import FilenameProvider
 
 from pipeline.config import LabelJob
 from pipeline.data.decode import DecodeLimits, decode_batch
-from pipeline.data.output import DoneIds, OutputLayout, ShardMarks
+from pipeline.data.output import IdSet, Output, ShardMarks
 from pipeline.data.sources import iter_parquet_rows, iter_tar_members, read_files_batch
 from pipeline.model.classes import ClassSet
 from pipeline.storage import filesystem
@@ -46,7 +46,7 @@ class WorkList:
         return not (self.files or self.tars or self.parquets)
 
 
-def drop_done(batch: dict[str, list], done: DoneIds) -> dict[str, list]:
+def drop_done(batch: dict[str, list], done: IdSet) -> dict[str, list]:
     """Remove rows whose id is already in the output (shard rows are known only once read)."""
     keep = ~done.contains(list(batch["id"]))
     return {name: [v for v, k in zip(values, keep) if k] for name, values in batch.items()}
@@ -90,7 +90,7 @@ def _read(kind: str, uris: list[str], job: LabelJob) -> Iterator[dict[str, list]
             yield {name: [row[name] for row in chunk] for name in ("id", "uri", "bytes", "error")}
 
 
-def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None,
+def read_items(batch: dict, job: LabelJob, done: IdSet | ray.ObjectRef | None,
                marks: ShardMarks | None = None) -> Iterator[dict[str, list]]:
     """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`),
     without the ids already in the output. With ``marks``, each shard is marked read to its
@@ -104,13 +104,13 @@ def read_items(batch: dict, job: LabelJob, done: DoneIds | ray.ObjectRef | None,
         for rows in _read(kind, list(uris), job):
             if shard is not None and not broke and f"{shard}#" in rows["id"]:
                 broke = True
-                marks.mark(shard, job.storage, whole=False)
+                marks.mark(shard, whole=False)
             # loose files were filtered on the driver already; shard rows are known only now
             rows = drop_done(rows, done) if done is not None and kind != "files" else rows
             if rows["id"]:
                 yield rows
         if shard is not None and not broke:
-            marks.mark(shard, job.storage, whole=True)
+            marks.mark(shard, whole=True)
 
 
 def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:
@@ -121,7 +121,7 @@ def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:
         yield decode_batch({name: values[start:start + DECODE_BATCH] for name, values in batch.items()}, limits)
 
 
-def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_id: str,
+def build(work: WorkList, job: LabelJob, classes: ClassSet, done: IdSet, run_id: str,
           image_size: int, marks: ShardMarks | None = None) -> ray.data.Dataset:
     """The whole plan up to (not including) the write.
 
@@ -152,9 +152,9 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: DoneIds, run_i
         num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, scheduling_strategy="DEFAULT", **remote)
 
 
-def write(dataset: ray.data.Dataset, layout: OutputLayout, job: LabelJob, run_id: str) -> None:
+def write(dataset: ray.data.Dataset, output: Output, job: LabelJob, run_id: str) -> None:
     """Stream the labelled rows into the output's data folder."""
-    fs, path = filesystem(layout.data, job.storage)
+    fs, path = filesystem(output.data, job.storage)
     fs.makedirs(path, exist_ok=True)
     dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
                           filename_provider=RunFiles(run_id), min_rows_per_file=job.resources.file_rows,

@@ -16,8 +16,8 @@ from pathlib import Path, PurePosixPath
 
 import fsspec
 
-from pipeline.config import ConfigError
-from pipeline.storage import file_version
+from pipeline.config import ConfigError, StorageConfig
+from pipeline.storage import file_version, filesystem
 
 _HASH_CHUNK = 1 << 20
 
@@ -63,15 +63,15 @@ def _remove_other_versions(target: Path) -> None:
             other.unlink(missing_ok=True)
 
 
-def fetch_checkpoint(uri: str, cache_dir: str, storage_options: dict | None = None) -> Path:
+def fetch_checkpoint(uri: str, cache_dir: str, storage: StorageConfig = StorageConfig()) -> Path:
     """Fetch the checkpoint at fsspec ``uri`` into the local cache and return its path.
 
     The cache is keyed on the remote file's version (:func:`~pipeline.data.sources.file_version`: size with ETag or modification time), so a checkpoint
     rewritten at the same URI is fetched again, and the copy it replaces is deleted. A store
     that gives neither an ETag nor a modification time has the file fetched on every call.
-    ``storage_options`` go to fsspec (e.g. ``{'client_kwargs': {'endpoint_url': ...}}``).
+    ``storage`` says how to reach object storage.
     """
-    fs, remote_path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, remote_path = filesystem(uri, storage)
     try:
         info = fs.info(remote_path)
     except FileNotFoundError:

@@ -19,9 +19,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import fsspec
 
 from pipeline.config import ConfigError, StorageConfig, TextConfig
+from pipeline.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +96,11 @@ def normalize_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-def _read_text(path: str, storage_options: dict | None) -> str:
+def _read_text(path: str, storage: StorageConfig) -> str:
     """The UTF-8 text of a local file or fsspec URI; ConfigError if it cannot be read."""
+    fs, where = filesystem(path, storage)
     try:
-        with fsspec.open(path, "rt", encoding="utf-8-sig", **(storage_options or {})) as handle:
+        with fs.open(where, "rt", encoding="utf-8-sig") as handle:
             return handle.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; check the path or URI") from None
@@ -110,9 +111,9 @@ def _read_text(path: str, storage_options: dict | None) -> str:
                           "save the file as UTF-8") from None
 
 
-def _read_json(path: str, storage_options: dict | None) -> object:
+def _read_json(path: str, storage: StorageConfig) -> object:
     """The parsed JSON of a file; invalid JSON names the line and column."""
-    text = _read_text(path, storage_options)
+    text = _read_text(path, storage)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -146,7 +147,7 @@ def _is_path(spec: str) -> bool:
     return "://" in spec or os.path.exists(spec) or spec.lower().endswith((".txt", ".json"))
 
 
-def parse_class_list(spec: str, storage_options: dict | None = None) -> tuple[str, ...]:
+def parse_class_list(spec: str, storage: StorageConfig = StorageConfig()) -> tuple[str, ...]:
     """Class names from a file or an inline comma-separated list.
 
     ``spec`` is a file when it is a URI (``s3://...``), an existing path, or ends in
@@ -158,9 +159,9 @@ def parse_class_list(spec: str, storage_options: dict | None = None) -> tuple[st
     if _is_path(spec):
         source = spec
         if spec.lower().endswith(".json"):
-            items = _string_list(_read_json(spec, storage_options), spec, "class names")
+            items = _string_list(_read_json(spec, storage), spec, "class names")
         else:
-            items = _read_text(spec, storage_options).splitlines()
+            items = _read_text(spec, storage).splitlines()
     else:
         source, items = "classes (inline list)", spec.split(",")
     names = tuple(item.strip() for item in items if item.strip())
@@ -217,9 +218,9 @@ def _check_template(template: str, source: str) -> None:
                               "only bare '{}' where the class name goes")
 
 
-def load_templates(path: str, storage_options: dict | None = None) -> tuple[str, ...]:
+def load_templates(path: str, storage: StorageConfig = StorageConfig()) -> tuple[str, ...]:
     """Prompt templates from a JSON list of strings, each with at least one bare '{}'."""
-    templates = _string_list(_read_json(path, storage_options), path, "templates")
+    templates = _string_list(_read_json(path, storage), path, "templates")
     if not templates:
         raise ConfigError(f"{path}: the template list is empty; give at least one template "
                           "such as \"a photo of a {}.\"")
@@ -278,9 +279,9 @@ def detect_description_format(path: str, data: dict[str, list[str]]) -> str:
                       f"({found}); set descriptions_format to 'cupl' or 'descriptors'")
 
 
-def _read_descriptions(path: str, storage_options: dict | None) -> dict[str, list[str]]:
+def _read_descriptions(path: str, storage: StorageConfig) -> dict[str, list[str]]:
     """A descriptions file as ``{class name: [text, ...]}``, with its types checked."""
-    data = _read_json(path, storage_options)
+    data = _read_json(path, storage)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object {{\"class name\": [\"text\", ...]}}, "
                           f"got a JSON {_json_type(data)}")
@@ -302,7 +303,7 @@ def _index_keys(path: str, data: dict[str, list[str]]) -> dict[str, str]:
 
 
 def load_descriptions(path: str, names: Sequence[str], fmt: str,
-                      storage_options: dict | None = None) -> tuple[tuple[str, ...], ...]:
+                      storage: StorageConfig = StorageConfig()) -> tuple[tuple[str, ...], ...]:
     """Descriptions for each class in ``names``, in that order.
 
     ``fmt`` is 'cupl' (entries used as they are), 'descriptors' (each phrase becomes a
@@ -313,7 +314,7 @@ def load_descriptions(path: str, names: Sequence[str], fmt: str,
     """
     if fmt not in ("auto",) + DESCRIPTION_FORMATS:
         raise ConfigError(f"descriptions_format: {fmt!r} is not 'auto', 'cupl' or 'descriptors'")
-    data = _read_descriptions(path, storage_options)
+    data = _read_descriptions(path, storage)
     if fmt == "auto":
         fmt = detect_description_format(path, data)
     index = _index_keys(path, data)
@@ -341,13 +342,13 @@ def load_class_set(cfg: TextConfig, storage: StorageConfig = StorageConfig()) ->
     No templates file gives DEFAULT_TEMPLATES; no descriptions file gives every class an
     empty description list. Each file is opened with ``storage``'s options for its own URI.
     """
-    names = parse_class_list(cfg.classes, storage.options_for(cfg.classes))
+    names = parse_class_list(cfg.classes, storage)
     templates = DEFAULT_TEMPLATES
     if cfg.templates:
-        templates = load_templates(cfg.templates, storage.options_for(cfg.templates))
+        templates = load_templates(cfg.templates, storage)
     if cfg.descriptions:
         descriptions = load_descriptions(cfg.descriptions, names, cfg.descriptions_format,
-                                         storage.options_for(cfg.descriptions))
+                                         storage)
     else:
         descriptions = tuple(() for _ in names)
     return ClassSet(names=names, templates=templates, descriptions=descriptions)

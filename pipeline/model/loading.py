@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
-import fsspec
 import open_clip
 import torch
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig, StorageConfig
 from pipeline.method.crops import Preprocess
 from pipeline.model.checkpoints import fetch_checkpoint, sha256_file
+from pipeline.storage import filesystem
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
@@ -193,13 +193,13 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _resolve_weights(cfg: ModelConfig, name: str, storage_options: dict | None) -> _Weights:
+def _resolve_weights(cfg: ModelConfig, name: str, storage: StorageConfig) -> _Weights:
     """Classify ``cfg.pretrained`` as none, URI (fetched now), open_clip tag or local file."""
     pretrained = cfg.pretrained
     if pretrained.lower() == "none":
         return _Weights(tag=None, checkpoint=None)
     if _URI_PATTERN.match(pretrained):
-        return _Weights(tag=None, checkpoint=fetch_checkpoint(pretrained, cfg.cache_dir, storage_options))
+        return _Weights(tag=None, checkpoint=fetch_checkpoint(pretrained, cfg.cache_dir, storage))
     if open_clip.is_pretrained_cfg(name, pretrained):
         return _Weights(tag=pretrained, checkpoint=None)
     path = Path(pretrained).expanduser()
@@ -212,7 +212,7 @@ def _resolve_weights(cfg: ModelConfig, name: str, storage_options: dict | None) 
         "give a checkpoint path, an fsspec URI such as s3://bucket/model.pt, or 'none' for random weights")
 
 
-def check_weights(cfg: ModelConfig, storage_options: dict | None = None) -> str:
+def check_weights(cfg: ModelConfig, storage: StorageConfig = StorageConfig()) -> str:
     """Check on the driver, without loading any weights, that ``cfg`` names a model and weights.
 
     Returns the resolved model name. A remote checkpoint must exist; a local one must be a
@@ -224,11 +224,11 @@ def check_weights(cfg: ModelConfig, storage_options: dict | None = None) -> str:
     if pretrained.lower() == "none" or open_clip.is_pretrained_cfg(name, pretrained):
         return name
     if _URI_PATTERN.match(pretrained):
-        fs, path = fsspec.core.url_to_fs(pretrained, **(storage_options or {}))
+        fs, path = filesystem(pretrained, storage)
         if not fs.exists(path):
             raise ConfigError(f"pretrained: {pretrained} does not exist; check the URI and credentials")
         return name
-    weights = _resolve_weights(cfg, name, storage_options)
+    weights = _resolve_weights(cfg, name, storage)
     if weights.strict:
         check_checkpoint_fits(weights.checkpoint, name)
     return name
@@ -347,15 +347,15 @@ def _check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("precision: fp16 needs a GPU and the device is the CPU; use fp32 or bf16 on the CPU")
 
 
-def load_model(cfg: ModelConfig, storage_options: dict | None = None) -> LoadedModel:
+def load_model(cfg: ModelConfig, storage: StorageConfig = StorageConfig()) -> LoadedModel:
     """Build the model named by ``cfg``, load its weights and read its preprocessing.
 
-    ``storage_options`` are passed to fsspec when ``cfg.pretrained`` is a URI.
+    ``storage`` says how to reach ``cfg.pretrained`` when it is a URI.
     """
     name = resolve_model_name(cfg.name)
     device = resolve_device(cfg.device)
     _check_precision(cfg.precision, device)
-    weights = _resolve_weights(cfg, name, storage_options)
+    weights = _resolve_weights(cfg, name, storage)
     if weights.random:
         warnings.warn(f"pretrained='none': model {name!r} has random weights, so its labels and "
                       "scores are meaningless", UserWarning, stacklevel=2)

@@ -1,7 +1,6 @@
 """lgca query / lgca summary on a hand-built output folder, checked against pyarrow and Python."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -16,10 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.commands.query import (SUMMARY_TABLE, Share, connect, format_summary, register, resolve_format,
-                                     run_sql, summarize, summary_table)
+from pipeline.cli import main
+from pipeline.commands.query import (SUMMARY_TABLE, Share, connect, format_summary, resolve_format, summarize,
+                                     summary_table)
 from pipeline.config import QueryError, StorageConfig
-from pipeline.data.output import OutputLayout
+from pipeline.data.labels import run_sql
+from pipeline.data.output import Output
 from pipeline.data.rows import error_table, scored_table
 from pipeline.method.engine import BatchScores
 from pipeline.storage import write_json
@@ -76,7 +77,7 @@ def write_output(root: Path) -> Path:
     for name, table in files.items():
         pq.write_table(table, data / name)
     storage = StorageConfig()
-    layout = OutputLayout(str(root))
+    layout = Output(str(root))
     write_json(layout.manifest, {"model": "ViT-B-32", "pretrained": "openai", "scoring": SCORING}, storage)
     for run_id, ok, error, started in ((RUN_A, 10, 2, "2026-01-01T00:00:00"), (RUN_B, 5, 1, "2026-01-02T00:00:00")):
         counts = {"ok": ok, "error": error, "skipped": 0} | ({"skipped_shards": 3} if run_id == RUN_B else {})
@@ -111,10 +112,7 @@ def expected_summary(table: pa.Table, margin: float) -> dict:
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="lgca")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.handler(args)
+    return main(list(argv))
 
 
 LABEL_COUNTS = "SELECT label, count(*) AS n FROM labels WHERE status = 'ok' GROUP BY label ORDER BY label"
@@ -262,7 +260,7 @@ def test_summary_skips_own_method_and_handles_missing_columns(tmp_path):
     wca_only = BatchScores(clip=scores.clip, cupl=scores.cupl, wca=scores.wca)
     pq.write_table(scored_table(list("abcd"), list("abcd"), [1] * 4, [1] * 4, wca_only, NAMES, "wca", 1, "r"),
                    root / "data" / "r_x_0.parquet")
-    write_json(OutputLayout(str(root)).manifest, {"scoring": {"method": "wca"}}, StorageConfig())
+    write_json(Output(str(root)).manifest, {"scoring": {"method": "wca"}}, StorageConfig())
     summary = summarize(str(root), StorageConfig())
     assert set(summary.agreement) == {"clip", "cupl"}
     assert summary.low_confidence == Share(0, 0) and summary.low_confidence.share is None

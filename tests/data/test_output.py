@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import pipeline.data.output as sink
-from pipeline.config import ConfigError, SourceError, StorageConfig
-from pipeline.data.output import (DoneIds, OutputLayout, check_manifest, completed_shards, forget_shards,
-                                  id_digests, iter_column, record_shards, shard_key, start_output)
+from pipeline.config import ConfigError, OutputError, StorageConfig
+from pipeline.data.output import IdSet, Output, id_digests, shard_key
 from pipeline.data.rows import SCHEMA, error_table, scored_table
 from pipeline.method.engine import BatchScores
 
@@ -83,13 +82,13 @@ def test_done_ids_and_partial_files(tmp_path):
     write_rows(tmp_path, "r1_a_000000-0.parquet", ["s3://b/1.jpg", "s3://b/2.jpg"])
     write_rows(tmp_path, "r2_a_000000-0.parquet", ["s3://b/3.jpg"])
     (tmp_path / "data" / "r2_a_000001-0.parquet").write_bytes(b"PAR1 cut short")
-    layout = OutputLayout(str(tmp_path))
-    done = DoneIds.load(layout, LOCAL)
+    layout = Output(str(tmp_path))
+    done = layout.labelled_ids()
     assert len(done) == 3
     assert done.contains(["s3://b/2.jpg", "s3://b/4.jpg", "s3://b/3.jpg"]).tolist() == [True, False, True]
     assert not (tmp_path / "data" / "r2_a_000001-0.parquet").exists()  # removed, to be relabelled
-    assert [v for c in iter_column(layout, LOCAL, "id", run_id="r2") for v in c.to_pylist()] == ["s3://b/3.jpg"]
-    assert DoneIds.load(OutputLayout(str(tmp_path / "empty")), LOCAL).contains(["x"]).tolist() == [False]
+    assert [v for c in layout.read_column("id", run_id="r2") for v in c.to_pylist()] == ["s3://b/3.jpg"]
+    assert Output(str(tmp_path / "empty")).labelled_ids().contains(["x"]).tolist() == [False]
 
 
 def test_done_ids_are_sorted_unique_digests_of_every_file(tmp_path):
@@ -97,25 +96,25 @@ def test_done_ids_are_sorted_unique_digests_of_every_file(tmp_path):
     ids = [f"s3://b/{i}.jpg" for i in range(500)]
     write_rows(tmp_path, "r1_a_000000-0.parquet", ids[:300])
     write_rows(tmp_path, "r2_a_000000-0.parquet", ids[200:])  # 200..299 in both
-    done = DoneIds.load(OutputLayout(str(tmp_path)), LOCAL)
+    done = Output(str(tmp_path)).labelled_ids()
     assert len(done) == 500
     assert (done.digests[:-1] < done.digests[1:]).all()  # strictly increasing: sorted, no repeats
     assert done.contains(ids[::-1] + ["s3://b/500.jpg"]).tolist() == [True] * 500 + [False]
 
 
 def test_output_files_are_read_several_at_once_and_yielded_in_order(tmp_path, monkeypatch):
-    """On object storage every file read waits on requests: iter_column keeps several in flight."""
+    """On object storage every file read waits on requests: read_column keeps several in flight."""
     for i in range(4):
         write_rows(tmp_path, f"r1_a_{i:06d}-0.parquet", [f"s3://b/{i}.jpg"])
     together = threading.Barrier(4, timeout=30)  # a sequential reader would break it
-    real = sink._read_columns
+    real = sink.read_columns
 
     def read(fs, path, columns):
         together.wait()
         return real(fs, path, columns)
 
-    monkeypatch.setattr(sink, "_read_columns", read)
-    values = [v for chunk in iter_column(OutputLayout(str(tmp_path)), LOCAL, "id") for v in chunk.to_pylist()]
+    monkeypatch.setattr(sink, "read_columns", read)
+    values = [v for chunk in Output(str(tmp_path)).read_column("id") for v in chunk.to_pylist()]
     assert values == [f"s3://b/{i}.jpg" for i in range(4)]
 
 
@@ -132,71 +131,71 @@ def test_an_output_file_that_cannot_be_fetched_is_kept_and_the_run_stops(tmp_pat
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(sink.pq, "ParquetFile", flaky)
-    with pytest.raises(SourceError, match="000001-0.parquet: cannot read .*ConnectionError.*nothing was removed"):
-        DoneIds.load(OutputLayout(str(tmp_path)), LOCAL)
+    with pytest.raises(OutputError, match="000001-0.parquet: cannot read .*ConnectionError.*nothing was removed"):
+        Output(str(tmp_path)).labelled_ids()
     assert (tmp_path / "data" / "r1_a_000001-0.parquet").exists()
 
 
 def test_done_ids_lookup_across_digest_chunks(monkeypatch):
     monkeypatch.setattr("pipeline.data.output.CONTAINS_CHUNK", 3)
-    done = DoneIds(np.sort(id_digests(["a", "b", "c", "d"])))
+    done = IdSet(np.sort(id_digests(["a", "b", "c", "d"])))
     assert done.contains(["x", "a", "b", "y", "d", "z", "c"]).tolist() == [False, True, True, False, True, False, True]
     assert done.contains([]).tolist() == []
 
 
 def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
-    layout = OutputLayout(str(tmp_path))
-    check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
-    start_output(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)
+    layout = Output(str(tmp_path))
+    layout.check_manifest({"model": "a", "scoring": {"crops": 60}}, overwrite=False)
+    layout.start({"model": "a", "scoring": {"crops": 60}}, overwrite=False)
     write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
-    check_manifest(layout, {"model": "a", "scoring": {"crops": 60}}, LOCAL, overwrite=False)  # same: fine
+    layout.check_manifest({"model": "a", "scoring": {"crops": 60}}, overwrite=False)  # same: fine
     with pytest.raises(ConfigError, match=r"scoring: \{'crops': 60\} -> \{'crops': 30\}.*--overwrite"):
-        check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=False)
-    check_manifest(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
+        layout.check_manifest({"model": "a", "scoring": {"crops": 30}}, overwrite=False)
+    layout.check_manifest({"model": "a", "scoring": {"crops": 30}}, overwrite=True)
     assert (tmp_path / "data" / "r_a_000000-0.parquet").exists()  # checking removes nothing
-    start_output(layout, {"model": "a", "scoring": {"crops": 30}}, LOCAL, overwrite=True)
+    layout.start({"model": "a", "scoring": {"crops": 30}}, overwrite=True)
     assert not (tmp_path / "data").exists()
     assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["scoring"] == {"crops": 30}
 
 
 def test_shards_read_whole_are_recorded_per_run_and_forgotten_on_overwrite(tmp_path):
-    layout = OutputLayout(str(tmp_path))
-    assert len(completed_shards(layout, LOCAL)) == 0  # nothing recorded yet
-    record_shards(layout, LOCAL, "r1", [])
+    layout = Output(str(tmp_path))
+    assert len(layout.shards_read_whole()) == 0  # nothing recorded yet
+    layout.record_shards("r1", [])
     assert not (tmp_path / "_lgca" / "shards").exists()  # a run without shards writes nothing
-    record_shards(layout, LOCAL, "r1", [("s3://b/a.tar", "10:e1"), ("s3://b/b.tar", "20:e2")])
-    record_shards(layout, LOCAL, "r2", [("s3://b/c.tar", "30:e3"), ("s3://b/a.tar", "10:e1")])
+    layout.record_shards("r1", [("s3://b/a.tar", "10:e1"), ("s3://b/b.tar", "20:e2")])
+    layout.record_shards("r2", [("s3://b/c.tar", "30:e3"), ("s3://b/a.tar", "10:e1")])
     assert sorted(p.name for p in (tmp_path / "_lgca" / "shards").iterdir()) == ["r1.parquet", "r2.parquet"]
     table = pq.read_table(tmp_path / "_lgca" / "shards" / "r1.parquet")
     assert table.to_pylist() == [{"uri": "s3://b/a.tar", "version": "10:e1"}, {"uri": "s3://b/b.tar", "version": "20:e2"}]
-    done = completed_shards(layout, LOCAL)
+    done = layout.shards_read_whole()
     assert len(done) == 3  # a.tar recorded twice, counted once
     keys = [shard_key("s3://b/a.tar", "10:e1"), shard_key("s3://b/a.tar", "11:e9"), shard_key("s3://b/c.tar", "30:e3"),
             shard_key("s3://b/d.tar", "10:e1")]
     assert done.contains(keys).tolist() == [True, False, True, False]  # a new version is a new shard
-    start_output(layout, {"model": "a"}, LOCAL, overwrite=True)
-    assert len(completed_shards(layout, LOCAL)) == 0
-    record_shards(layout, LOCAL, "r3", [("s3://b/a.tar", "10:e1")])
-    forget_shards(layout, LOCAL)
-    assert len(completed_shards(layout, LOCAL)) == 0
-    forget_shards(layout, LOCAL)  # nothing recorded: nothing to do
+    layout.start({"model": "a"}, overwrite=True)
+    assert len(layout.shards_read_whole()) == 0
+    layout.record_shards("r3", [("s3://b/a.tar", "10:e1")])
+    layout.forget_shards()
+    assert len(layout.shards_read_whole()) == 0
+    layout.forget_shards()  # nothing recorded: nothing to do
 
 
 def test_a_foreign_parquet_file_in_the_data_folder_is_refused_not_deleted(tmp_path):
-    layout = OutputLayout(str(tmp_path))
+    layout = Output(str(tmp_path))
     write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
     pq.write_table(pa.table({"label": ["cat"], "n": [3]}), tmp_path / "data" / "label_counts.parquet")
-    with pytest.raises(SourceError, match=r"label_counts.parquet: a Parquet file without the column\(s\) id.*move it"):
-        DoneIds.load(layout, LOCAL, [])
+    with pytest.raises(OutputError, match=r"label_counts.parquet: a Parquet file without the column\(s\) id.*move it"):
+        layout.labelled_ids([])
     assert (tmp_path / "data" / "label_counts.parquet").exists()
 
 
 def test_a_cut_shard_record_is_removed_and_unversioned_shards_are_not_recorded(tmp_path, caplog):
-    layout = OutputLayout(str(tmp_path))
-    record_shards(layout, LOCAL, "r1", [("s3://b/a.tar", "10:e1"), ("s3://b/x.tar", None)])
+    layout = Output(str(tmp_path))
+    layout.record_shards("r1", [("s3://b/a.tar", "10:e1"), ("s3://b/x.tar", None)])
     assert pq.read_table(tmp_path / "_lgca" / "shards" / "r1.parquet").column("uri").to_pylist() == ["s3://b/a.tar"]
     (tmp_path / "_lgca" / "shards" / "r2.parquet").write_bytes(b"PAR1 cut")  # a run killed while recording
-    done = completed_shards(layout, LOCAL)
+    done = layout.shards_read_whole()
     assert done.contains([shard_key("s3://b/a.tar", "10:e1")]).tolist() == [True] and len(done) == 1
     assert not (tmp_path / "_lgca" / "shards" / "r2.parquet").exists()
     assert "its shards will be read again" in caplog.text
@@ -229,20 +228,20 @@ def test_shard_marks_round_trip_and_removal(where, tmp_path, request):
         root = f"s3://{request.getfixturevalue('bucket')}/out"
     else:
         storage, root = LOCAL, str(tmp_path / "out")
-    marks = sink.ShardMarks(sink.OutputLayout(root).reading("r1"))
+    marks = sink.Output(root, storage).marks("r1")
     shards = ["s3://in/a.tar", "s3://in/b.tar", "s3://in/deep/c.parquet", "s3://in/d.tar"]
-    assert marks.marked(shards, storage) == [False] * 4  # no folder yet
-    marks.create(storage)
-    marks.mark(shards[0], storage, whole=True)
-    marks.mark(shards[2], storage, whole=True)
-    marks.mark(shards[3], storage, whole=False)
-    assert marks.marked(shards, storage) == [True, False, True, False]
-    marks.mark(shards[3], storage, whole=True)  # a later attempt read it whole: the break still counts
-    marks.mark(shards[0], storage, whole=False)
-    assert marks.marked(shards, storage) == [False, False, True, False]
-    marks.remove(storage)
-    assert marks.marked(shards, storage) == [False] * 4
-    marks.remove(storage)  # removing twice is no error
+    assert marks.marked(shards) == [False] * 4  # no folder yet
+    marks.create()
+    marks.mark(shards[0], whole=True)
+    marks.mark(shards[2], whole=True)
+    marks.mark(shards[3], whole=False)
+    assert marks.marked(shards) == [True, False, True, False]
+    marks.mark(shards[3], whole=True)  # a later attempt read it whole: the break still counts
+    marks.mark(shards[0], whole=False)
+    assert marks.marked(shards) == [False, False, True, False]
+    marks.remove()
+    assert marks.marked(shards) == [False] * 4
+    marks.remove()  # removing twice is no error
 
 
 class ReadOnly(fsspec.implementations.local.LocalFileSystem):
@@ -254,10 +253,10 @@ class ReadOnly(fsspec.implementations.local.LocalFileSystem):
 
 def test_a_whole_mark_that_cannot_be_written_is_logged_a_broken_one_raises(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(sink, "filesystem", lambda uri, storage: (ReadOnly(), uri))
-    marks = sink.ShardMarks(str(tmp_path / "reading" / "r1"))
-    marks.create(LOCAL)
-    marks.mark("s3://in/a.tar", LOCAL, whole=True)  # no exception: the shard is only read again next run
-    assert marks.marked(["s3://in/a.tar"], LOCAL) == [False]
+    marks = sink.ShardMarks(str(tmp_path / "reading" / "r1"), LOCAL)
+    marks.create()
+    marks.mark("s3://in/a.tar", whole=True)  # no exception: the shard is only read again next run
+    assert marks.marked(["s3://in/a.tar"]) == [False]
     assert "could not mark s3://in/a.tar read whole" in caplog.text
     with pytest.raises(PermissionError):  # else another attempt's whole mark would vouch for the shard
-        marks.mark("s3://in/a.tar", LOCAL, whole=False)
+        marks.mark("s3://in/a.tar", whole=False)

@@ -16,7 +16,7 @@ from skimage import data as photos
 from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
                              SourceError, StorageConfig, TextConfig)
 from pipeline.data.decode import DecodeLimits, decode_image
-from pipeline.data.output import OutputLayout, iter_column
+from pipeline.data.output import Output
 from pipeline.data.rows import SCHEMA
 from pipeline.distributed.job import run_label_job
 from pipeline.method.engine import Engine, ImageInput
@@ -91,13 +91,12 @@ def make_job(inputs, output, checkpoint, **changes) -> LabelJob:
 
 
 def read_output(output, storage=StorageConfig()) -> pa.Table:
-    from pipeline.data.output import data_files
-    from pipeline.data.sources import filesystem
+    from pipeline.storage import filesystem
 
-    layout = OutputLayout(str(output))
-    fs, _ = filesystem(layout.data, storage)
+    where = Output(str(output), storage)
+    fs, _ = filesystem(where.data, storage)
     tables = []
-    for path in data_files(layout, storage):
+    for path in where.data_files():
         with fs.open(path, "rb") as handle:
             tables.append(pq.read_table(handle))
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
@@ -389,8 +388,8 @@ def test_s3_inputs_and_outputs(ray_cluster, moto_endpoint, bucket, tiny_checkpoi
     assert (summary.ok, summary.errors) == (4, 1)
     table = read_output(job.output, storage)
     assert sorted(table.column("id").to_pylist()) == sorted(f"s3://{bucket}/{k}" for k in objects)
-    layout = OutputLayout(job.output)
-    assert [v for c in iter_column(layout, storage, "status") for v in c.to_pylist()].count("ok") == 4
+    where = Output(job.output, storage)
+    assert [v for c in where.read_column("status") for v in c.to_pylist()].count("ok") == 4
     assert run_label_job(job).ok == 0  # incremental on S3 too
 
 
@@ -428,11 +427,11 @@ def test_a_store_error_while_recording_shards_is_logged_not_raised(tmp_path, tin
     from pipeline.data.output import ShardMarks
 
     class Unlistable(ShardMarks):
-        def marked(self, uris, storage):
+        def marked(self, uris):
             raise ConnectionResetError(104, "Connection reset by peer")
 
     job = make_job([tmp_path / "shards"], tmp_path / "out", tiny_checkpoint)
-    layout = OutputLayout(job.output)
-    record_whole_shards(layout, job, "r1", [("s3://in/a.tar", "10:etag")], Unlistable(layout.reading("r1")))
+    output = Output(job.output)
+    record_whole_shards(output, "r1", [("s3://in/a.tar", "10:etag")], Unlistable(output.reading("r1"), job.storage))
     assert "could not record the shards read whole" in caplog.text  # the run's rows are written: it goes on
     assert not (tmp_path / "out" / "_lgca" / "shards").exists()

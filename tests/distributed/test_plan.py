@@ -6,14 +6,14 @@ import numpy as np
 from skimage import data as photos
 
 from pipeline.config import InputConfig, LabelJob, TextConfig
-from pipeline.data.output import DoneIds, OutputLayout, ShardMarks, id_digests
+from pipeline.data.output import IdSet, Output, id_digests
 from pipeline.distributed.plan import (FILES_PER_READ, RunFiles, WorkList, drop_done, read_items, work_items,
                                        worker_env)
 from tests.support import encode, make_tar
 
 
 def test_drop_done_keeps_only_new_rows():
-    done = DoneIds(np.unique(id_digests(["t.tar#1.jpg", "t.tar#3.jpg"])))
+    done = IdSet(np.unique(id_digests(["t.tar#1.jpg", "t.tar#3.jpg"])))
     batch = {"id": ["t.tar#1.jpg", "t.tar#2.jpg", "t.tar#3.jpg"], "bytes": [b"1", b"2", b"3"]}
     kept = drop_done(batch, done)
     assert kept == {"id": ["t.tar#2.jpg"], "bytes": [b"2"]}
@@ -53,13 +53,13 @@ def test_shards_are_marked_whole_or_broken_and_one_break_outweighs_a_whole_readi
     (tmp_path / "x.jpg").write_bytes(encode(photos.rocket()))
     uris = [str(tmp_path / name) for name in ("a.tar", "cut.tar", "again.tar", "x.jpg")]
     job = LabelJob(inputs=InputConfig((str(tmp_path),)), output=str(tmp_path / "out"), text=TextConfig(classes="a,b"))
-    marks = ShardMarks(OutputLayout(job.output).reading("r1"))
-    marks.create(job.storage)
-    marks.mark(uris[1], job.storage, whole=True)  # an earlier attempt of the same read task read it whole
-    marks.mark(uris[2], job.storage, whole=False)  # an earlier attempt broke off (its rows may be the ones kept)
-    done = DoneIds(np.unique(id_digests([f"{uris[0]}#1.jpg"])))
+    marks = Output(job.output, job.storage).marks("r1")
+    marks.create()
+    marks.mark(uris[1], whole=True)  # an earlier attempt of the same read task read it whole
+    marks.mark(uris[2], whole=False)  # an earlier attempt broke off (its rows may be the ones kept)
+    done = IdSet(np.unique(id_digests([f"{uris[0]}#1.jpg"])))
     batch = {"kind": np.array(["tar", "tar", "tar", "files"]), "uris": [np.array([u]) for u in uris]}
     rows = [i for piece in read_items(batch, job, done, marks) for i in piece["id"]]
     assert rows == [f"{uris[0]}#2.jpg", f"{uris[1]}#1.jpg", f"{uris[1]}#", f"{uris[2]}#1.jpg", f"{uris[2]}#2.jpg",
                     uris[3]]
-    assert marks.marked(uris, job.storage) == [True, False, False, False]  # loose files are never marked
+    assert marks.marked(uris) == [True, False, False, False]  # loose files are never marked

@@ -6,7 +6,7 @@ import os
 import fsspec.implementations.local
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, StorageConfig
 from pipeline.model.checkpoints import checkpoint_cache_path, fetch_checkpoint
 from tests.support import s3_client
 
@@ -46,7 +46,7 @@ def test_a_checkpoint_without_version_is_fetched_every_time(tmp_path, monkeypatc
 
 def test_a_truncated_cache_file_is_replaced_and_a_missing_checkpoint_named(tmp_path, moto_endpoint, bucket):
     s3_client(moto_endpoint).put_object(Bucket=bucket, Key="model.pt", Body=CONTENT)
-    options = {"client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
+    options = StorageConfig(endpoint_url=moto_endpoint)
     cached = fetch_checkpoint(f"s3://{bucket}/model.pt", str(tmp_path), options)
     cached.write_bytes(CONTENT[:100])
     path = fetch_checkpoint(f"s3://{bucket}/model.pt", str(tmp_path), options)

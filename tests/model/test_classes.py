@@ -180,7 +180,7 @@ def test_class_list_text_json_inline(tmp_path):
 
 def test_class_list_through_fsspec_uri(tmp_path):
     txt = write(tmp_path, "c.txt", "cat\ndog\n")
-    assert parse_class_list(f"file://{txt}", storage_options={"auto_mkdir": False}) == (
+    assert parse_class_list(f"file://{txt}") == (
         "cat", "dog")
     with fsspec.open("memory://prompts-test/classes.json", "w") as handle:
         handle.write('["bird", "fish"]')

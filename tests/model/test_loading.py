@@ -9,18 +9,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import open_clip
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig, StorageConfig
 from pipeline.method.crops import Preprocess
 from pipeline.model.checkpoints import checkpoint_cache_path
 from pipeline.model.loading import (BUILTIN_CONFIG_DIR, INIT_FUNCTIONS, check_weights, load_model,
                                     model_input_size, register_builtin_configs, resolve_device,
                                     resolve_model_name)
-from pipeline.storage import file_version
+from pipeline.storage import file_version, filesystem
 from tests.support import s3_client
 
 TINY = "lgca-tiny"
@@ -41,7 +40,7 @@ class Checkpoint:
 class S3Bucket:
     client: object  # boto3 S3 client bound to the local server
     name: str
-    storage_options: dict  # fsspec/s3fs options reaching the local server
+    storage: StorageConfig  # how to reach the local server
 
 
 def tiny_config(tmp_path: Path, **overrides: str) -> ModelConfig:
@@ -83,9 +82,7 @@ def checkpoint(tmp_path_factory) -> Checkpoint:
 def s3_bucket(moto_endpoint, bucket) -> S3Bucket:
     """The fresh bucket of the shared loopback S3 server, with a client and fsspec options."""
     client, name = s3_client(moto_endpoint), bucket
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
-    return S3Bucket(client=client, name=name, storage_options=options)
+    return S3Bucket(client=client, name=name, storage=StorageConfig(endpoint_url=moto_endpoint))
 
 
 def test_tiny_model_with_random_weights(tmp_path):
@@ -230,10 +227,10 @@ def test_s3_checkpoint_is_fetched_once(tmp_path, checkpoint, s3_bucket):
     s3_bucket.client.upload_file(str(checkpoint.path), s3_bucket.name, "models/tiny.pt")
     uri = f"s3://{s3_bucket.name}/models/tiny.pt"
     config = tiny_config(tmp_path, pretrained=uri)
-    loaded = load_model(config, storage_options=s3_bucket.storage_options)
+    loaded = load_model(config, s3_bucket.storage)
     assert_same_weights(loaded.model, checkpoint.state_dict)
     etag = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key="models/tiny.pt")["ETag"]
-    version = file_version(fsspec.filesystem("s3", **s3_bucket.storage_options).info(uri))
+    version = file_version(filesystem(uri, s3_bucket.storage)[0].info(uri))
     assert version == f"{checkpoint.path.stat().st_size}:{etag}"
     cached = checkpoint_cache_path(uri, config.cache_dir, version)
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -241,7 +238,7 @@ def test_s3_checkpoint_is_fetched_once(tmp_path, checkpoint, s3_bucket):
     assert loaded.checkpoint == cached and cached.read_bytes() == checkpoint.path.read_bytes()
     assert loaded.checkpoint_sha256 == hashlib.sha256(checkpoint.path.read_bytes()).hexdigest()
     before = cached.stat()
-    again = load_model(config, storage_options=s3_bucket.storage_options)
+    again = load_model(config, s3_bucket.storage)
     after = cached.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert again.checkpoint_sha256 == loaded.checkpoint_sha256
@@ -252,14 +249,14 @@ def test_s3_checkpoint_replaced_with_same_size_is_fetched_again(tmp_path, checkp
     s3_bucket.client.upload_file(str(checkpoint.path), s3_bucket.name, "tiny.pt")
     uri = f"s3://{s3_bucket.name}/tiny.pt"
     config = tiny_config(tmp_path, pretrained=uri)
-    first = load_model(config, storage_options=s3_bucket.storage_options)
+    first = load_model(config, s3_bucket.storage)
     retrained = other_weights(checkpoint.state_dict)
     path = tmp_path / "retrained" / "tiny.pt"  # torch.save records the name: the same one, the same size
     path.parent.mkdir()
     torch.save(retrained, path)
     assert path.stat().st_size == checkpoint.path.stat().st_size
     s3_bucket.client.upload_file(str(path), s3_bucket.name, "tiny.pt")  # a new ETag, maybe the same second
-    second = load_model(config, storage_options=s3_bucket.storage_options)
+    second = load_model(config, s3_bucket.storage)
     assert_same_weights(second.model, retrained)
     assert second.checkpoint != first.checkpoint and not first.checkpoint.parent.exists()  # the old copy is gone
     assert [p.name for p in second.checkpoint.parent.parent.iterdir()] == [second.checkpoint.parent.name]

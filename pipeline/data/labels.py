@@ -1,0 +1,54 @@
+"""An output's rows as one lazily read table: a pyarrow dataset, and DuckDB's view ``labels``.
+
+The Parquet files under ``OUTPUT/data`` are opened through fsspec (the filesystem the
+pipeline writes with, so local folders and ``s3://`` work alike) and registered with DuckDB,
+which scans them lazily, with column projection and filter pushdown. DuckDB's own S3 support
+(the ``httpfs`` extension) is not used: it is downloaded from the internet on first use,
+which offline clusters cannot do. Every command that reads labels (query, summary, report,
+export, relabel, search) goes through here.
+"""
+from __future__ import annotations
+
+import duckdb
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from pipeline.config import QueryError, StorageConfig
+from pipeline.data.output import Output
+from pipeline.data.rows import SCHEMA
+from pipeline.storage import filesystem
+
+LABELS_VIEW = "labels"
+
+
+def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
+    """Every data file of ``output`` as one lazily read pyarrow dataset with the output SCHEMA."""
+    where = Output(output, storage)
+    fs, _ = filesystem(where.data, storage)
+    try:
+        paths = where.data_files()
+    except OSError as exc:  # s3fs reports missing buckets and refused credentials as OSError
+        raise QueryError(f"cannot list {where.data}: {type(exc).__name__}: {exc}") from None
+    if not paths:
+        raise QueryError(f"no labels under {where.data}; run lgca label first")
+    return ds.dataset(paths, schema=SCHEMA, format="parquet",
+                      filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+
+
+def connect(output: str, storage: StorageConfig) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the output's rows as the view ``labels``."""
+    con = duckdb.connect()
+    con.register(LABELS_VIEW, labels_dataset(output, storage))
+    return con
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
+    """The relation of ``sql`` (the last statement when there are several); DuckDB errors -> QueryError."""
+    try:
+        relation = con.sql(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc)) from None
+    if relation is None:
+        raise QueryError("the SQL returns no rows; give a query such as SELECT label, count(*) FROM labels "
+                         "GROUP BY label")
+    return relation
