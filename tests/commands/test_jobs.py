@@ -14,7 +14,7 @@ import yaml
 from pipeline.commands.submit import build_submission
 from pipeline.options import build_job, job_to_options, read_job_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "jobs"
 SPECS = sorted(JOBS.glob("*.yaml"))
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))  # minute hour day-of-month month day-of-week
