@@ -28,6 +28,7 @@ with the URI and what to do.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tarfile
 import zlib
@@ -207,7 +208,17 @@ def read_files_batch(batch: dict, storage: StorageConfig, threads: int = 16) -> 
     }
 
 
-def iter_tar_members(tar_uri: str, storage: StorageConfig) -> Iterator[dict]:
+def iter_tar_rows(tar_uri: str, storage: StorageConfig, batch_rows: int = 256) -> Iterator[dict[str, list]]:
+    """Stream a (WebDataset) tar shard as columnar batches of up to ``batch_rows`` rows, like
+    :func:`iter_parquet_rows`; see :func:`_tar_members` for the rows."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    members = _tar_members(tar_uri, storage)
+    while chunk := list(itertools.islice(members, batch_rows)):
+        yield {name: [row[name] for row in chunk] for name in ROW_COLUMNS}
+
+
+def _tar_members(tar_uri: str, storage: StorageConfig) -> Iterator[dict]:
     """Stream the image members of a (WebDataset) tar shard as rows; never raises for bad shards.
 
     Members are read in archive order with ``tarfile`` in stream mode

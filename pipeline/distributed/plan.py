@@ -5,7 +5,6 @@ file URIs (or shard URIs) only; bytes, pixels and scores live in Ray's object st
 """
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from ray.data.datasource import FilenameProvider
 from pipeline.config import LabelJob
 from pipeline.data.decode import DecodeLimits, decode_batch
 from pipeline.data.output import IdSet, Output, ShardMarks
-from pipeline.data.sources import iter_parquet_rows, iter_tar_members, read_files_batch
+from pipeline.data.sources import iter_parquet_rows, iter_tar_rows, read_files_batch
 from pipeline.model.classes import ClassSet
 from pipeline.storage import filesystem
 
@@ -84,10 +83,8 @@ def _read(kind: str, uris: list[str], job: LabelJob) -> Iterator[dict[str, list]
     for uri in uris:
         if kind == "parquet":
             yield from iter_parquet_rows(uri, storage, inputs.image_column, inputs.id_column, FILES_PER_READ)
-            continue
-        members = iter_tar_members(uri, storage)
-        while chunk := list(itertools.islice(members, FILES_PER_READ)):
-            yield {name: [row[name] for row in chunk] for name in ("id", "uri", "bytes", "error")}
+        else:
+            yield from iter_tar_rows(uri, storage, FILES_PER_READ)
 
 
 def read_items(batch: dict, job: LabelJob, done: IdSet | ray.ObjectRef | None,

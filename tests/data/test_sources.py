@@ -13,10 +13,16 @@ from PIL import Image
 from skimage import data as photos
 
 from pipeline.config import ConfigError, SourceError, StorageConfig
-from pipeline.data.sources import (check_parquet_columns, detect_kind, iter_parquet_rows, iter_tar_members,
+from pipeline.data.sources import (check_parquet_columns, detect_kind, iter_parquet_rows, iter_tar_rows,
                                    list_image_files, list_shard_versions, list_shards, read_files_batch)
 from pipeline.storage import file_version, filesystem
 from tests.support import make_tar, upload
+
+def tar_rows(uri: str, storage: StorageConfig) -> list[dict]:
+    """The rows of a tar shard, one dict each, from iter_tar_rows' column batches."""
+    return [dict(zip(batch, values)) for batch in iter_tar_rows(uri, storage, batch_rows=2)
+            for values in zip(*batch.values())]
+
 
 LOCAL = StorageConfig()
 
@@ -106,7 +112,7 @@ def test_names_with_double_colons_are_names_not_url_chains(tmp_path, images):
     assert listed == [str(photo)]
     assert read_files_batch({"uri": listed}, LOCAL) == {"id": listed, "uri": listed, "bytes": [images["cat"]],
                                                         "error": [None]}
-    assert [(row["id"], row["bytes"]) for row in iter_tar_members(str(shard), LOCAL)] == [
+    assert [(row["id"], row["bytes"]) for row in tar_rows(str(shard), LOCAL)] == [
         (f"{shard}#x::y.jpg", images["coffee"])]
     assert parquet_columns([str(table)], LOCAL)["bytes"] == [images["rocket"]]
 
@@ -239,7 +245,7 @@ def shard_members(images) -> dict[str, bytes]:
 def test_tar_members_have_ids_and_bytes(tmp_path, shard_members):
     shard = tmp_path / "000000.tar"
     shard.write_bytes(make_tar(shard_members))
-    rows = list(iter_tar_members(str(shard), LOCAL))
+    rows = list(tar_rows(str(shard), LOCAL))
     assert [row["id"] for row in rows] == [f"{shard}#000001.jpg", f"{shard}#000002.jpg", f"{shard}#000003.JPEG"]
     assert [row["bytes"] for row in rows] == [shard_members[name] for name in ("000001.jpg", "000002.jpg",
                                                                                "000003.JPEG")]
@@ -253,7 +259,7 @@ def test_truncated_tar_gives_members_before_the_cut_and_an_error_row(tmp_path, s
         cut = archive.getmember("000002.jpg").offset_data + 100
     shard = tmp_path / "cut.tar"
     shard.write_bytes(whole[:cut])
-    rows = list(iter_tar_members(str(shard), LOCAL))
+    rows = list(tar_rows(str(shard), LOCAL))
     assert [row["id"] for row in rows] == [f"{shard}#000001.jpg", f"{shard}#"]
     assert rows[0]["bytes"] == shard_members["000001.jpg"]
     assert rows[1]["bytes"] is None
@@ -263,9 +269,9 @@ def test_truncated_tar_gives_members_before_the_cut_and_an_error_row(tmp_path, s
 def test_unreadable_tars_become_error_rows(tmp_path):
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"this is not a tar archive at all" * 40)
-    rows = list(iter_tar_members(str(garbage), LOCAL))
+    rows = list(tar_rows(str(garbage), LOCAL))
     assert len(rows) == 1 and rows[0]["id"] == f"{garbage}#" and rows[0]["error"].startswith("tar: ReadError")
-    missing = list(iter_tar_members(str(tmp_path / "missing.tar"), LOCAL))
+    missing = list(tar_rows(str(tmp_path / "missing.tar"), LOCAL))
     assert missing[0]["error"].startswith("tar: FileNotFoundError")
 
 
@@ -318,7 +324,7 @@ def test_linked_image_members_become_error_rows(tmp_path, images):
             link = tarfile.TarInfo(name)
             link.type, link.linkname = kind, "x.jpg"
             archive.addfile(link)
-    rows = list(iter_tar_members(str(shard), LOCAL))
+    rows = list(tar_rows(str(shard), LOCAL))
     assert [(row["id"], row["bytes"], row["error"]) for row in rows] == [
         (f"{shard}#x.jpg", images["cat"], None),
         (f"{shard}#y.jpg", None, "tar: member is a hard link to x.jpg; store the file itself"),
@@ -327,7 +333,7 @@ def test_linked_image_members_become_error_rows(tmp_path, images):
 
 
 def tar_columns(shards: list[str], storage: StorageConfig) -> dict[str, list]:
-    rows = [row for shard in shards for row in iter_tar_members(shard, storage)]
+    rows = [row for shard in shards for row in tar_rows(shard, storage)]
     return {name: [row[name] for row in rows] for name in ("id", "uri", "bytes", "error")}
 
 

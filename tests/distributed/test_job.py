@@ -310,7 +310,8 @@ def test_a_shard_cut_short_is_read_again_and_records_without_data_are_ignored(ra
 
 def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp_path, tiny_checkpoint,
                                                                 monkeypatch):
-    from pipeline import plan, runner
+    import pipeline.data.output as output_module
+    from pipeline.distributed import plan
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -336,16 +337,16 @@ def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp
     assert (again.ok, again.skipped_shards) == (3, 0)  # the records are ignored, the lost rows labelled again
 
     (shards / "d.tar").write_bytes(make_tar({"4.jpg": encode(photos.camera())}))
-    real = runner.error_rows
+    real = output_module.error_rows
 
     def unreadable(fs, path):
         raise pa.ArrowInvalid("Parquet magic bytes not found")
 
-    monkeypatch.setattr(runner, "error_rows", unreadable)  # this run's own file cannot be read back
+    monkeypatch.setattr(output_module, "error_rows", unreadable)  # this run's own file cannot be read back
     third = run_label_job(job)
     assert (third.ok, third.skipped_shards) == (0, 3)
     assert not (tmp_path / "out" / "_lgca" / "shards" / f"{third.run_id}.parquet").exists()  # d.tar unrecorded
-    monkeypatch.setattr(runner, "error_rows", real)
+    monkeypatch.setattr(output_module, "error_rows", real)
     fourth = run_label_job(job)
     assert (fourth.ok, fourth.skipped_shards) == (1, 3)  # d.tar read again: its image labelled
     assert sorted(read_output(job.output).column("id").to_pylist()) == sorted(
@@ -354,7 +355,7 @@ def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp
 
 
 def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, monkeypatch):
-    from pipeline import plan
+    from pipeline.distributed import plan
 
     shards = tmp_path / "shards"
     shards.mkdir()
