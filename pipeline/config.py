@@ -23,6 +23,11 @@ S3_PROTOCOLS = ("s3", "s3a")
 GLOB_CHARS = ("*", "?", "[")  # what fsspec expands in a path (glob, and s3fs's deletes)
 
 
+# fp16 is refused wherever the model would run on a CPU: a job without GPUs (LabelJob), and a
+# model whose device resolves to the CPU (model/loading.py)
+FP16_ON_CPU = "fp16 needs GPUs (set gpus_per_actor > 0 for a job); use fp32 or bf16 on CPUs"
+
+
 class LgcaError(Exception):
     """An error the user can act on: ``lgca`` prints its message as one line and exits with
     ``exit_code``; the message says what is wrong and what to do."""
@@ -160,8 +165,6 @@ class ModelConfig:
         ok_device = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit())
         _require(ok_device, "device", f"{self.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        _require(not (self.device == "cpu" and self.precision == "fp16"), "precision",
-                 "fp16 needs a GPU; use fp32 or bf16 on the CPU")
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,6 @@ class LabelJob:
         _require(not (gpu and self.model.device == "cpu"), "gpus_per_actor",
                  f"{self.resources.gpus_per_actor:g} with device cpu reserves GPUs the model never uses; "
                  "use --gpus-per-actor 0 or --device cuda/auto")
-        _require(gpu or self.model.precision != "fp16", "precision",
-                 "fp16 needs GPUs: set gpus_per_actor > 0, or use fp32 or bf16 on CPUs")
+        _require(gpu or self.model.precision != "fp16", "precision", FP16_ON_CPU)
         _require(gpu or not self.model.device.startswith("cuda"), "device",
                  f"device {self.model.device!r} needs gpus_per_actor > 0")

@@ -33,7 +33,6 @@ def test_method_costs():
     (lambda: ScoringParams(steps=-1), "steps"),
     (lambda: ModelConfig(precision="fp8"), "precision"),
     (lambda: ModelConfig(device="tpu"), "device"),
-    (lambda: ModelConfig(device="cpu", precision="fp16"), "precision"),
     (lambda: TextConfig(classes=" "), "classes"),
     (lambda: InputConfig(()), "input"),
     (lambda: InputConfig(("x",), format="zip"), "input_format"),

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import open_clip
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, StorageConfig
+from pipeline.config import ConfigError, FP16_ON_CPU, ModelConfig, StorageConfig
 from pipeline.method.crops import Preprocess
 from pipeline.model.checkpoints import fetch_checkpoint, sha256_file
 from pipeline.storage import filesystem
@@ -344,7 +344,7 @@ def _root_messages_dropped(prefix: str) -> Iterator[None]:
 def _check_precision(precision: str, device: torch.device) -> None:
     """fp16 kernels are incomplete on the CPU; refuse early with what to use instead."""
     if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("precision: fp16 needs a GPU and the device is the CPU; use fp32 or bf16 on the CPU")
+        raise ConfigError(f"precision: the device is the CPU; {FP16_ON_CPU}")
 
 
 def load_model(cfg: ModelConfig, storage: StorageConfig = StorageConfig()) -> LoadedModel:
