@@ -72,8 +72,6 @@ class EvalConfig:
         if self.inputs.format not in EVAL_FORMATS:
             raise ConfigError(f"input_format: {self.inputs.format!r}: eval reads ImageFolder trees (files) or "
                               "Parquet files (parquet), or auto (by extension)")
-        if not self.label_column:
-            raise ConfigError("label_column: must name the Parquet column of class names or indices")
         if self.workers < 1:
             raise ConfigError(f"workers: must be at least 1, got {self.workers}")
 
@@ -182,10 +180,9 @@ def load_sample(sample: Sample, storage: StorageConfig, limits: DecodeLimits) ->
 
 def loaded_batches(samples: Iterator[Sample], cfg: EvalConfig,
                    limits: DecodeLimits) -> Iterator[list[tuple[Sample, Decoded]]]:
-    """Batches of ``batch_size`` decoded samples, in order. Each batch is read and decoded by one
-    of ``cfg.workers`` threads, at most 2 x workers batches ahead (:func:`read_ahead`): a batch
-    a thread keeps reading while the engine scores, where per-image reads would stall after a
-    few images."""
+    """Batches of ``batch_size`` decoded samples, in order, each read and decoded by one of
+    ``cfg.workers`` threads, at most 2 x workers batches ahead (:func:`read_ahead`): whole
+    batches, since reads of single images would stall a few images ahead while the engine scores."""
     def load(chunk: list[Sample]) -> list[tuple[Sample, Decoded]]:
         return [(sample, load_sample(sample, cfg.storage, limits)) for sample in chunk]
 
@@ -354,8 +351,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The eval flags: `lgca label`'s options (pipeline.options, the one table of them) that mean the
-# same here, then eval's own fields. ImageFolder trees and Parquet go in --input as they do there.
+# The eval flags: `lgca label`'s options (pipeline.options) that mean the same here, then eval's own.
 EVAL_OPTIONS = (("input", "input-format", "image-column", "id-column") + SCORING_FLAGS
                 + ("batch-size", "max-pixels") + tuple(options_of(EvalConfig, "")))
 

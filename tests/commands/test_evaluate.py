@@ -19,6 +19,7 @@ from pipeline.config import (ConfigError, InputConfig, ModelConfig, ResourceConf
                              StorageConfig, TextConfig)
 from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.method.engine import Engine, ImageInput
+from pipeline.model.classes import BUNDLED_FOLDER, load_class_set
 from pipeline.model.loading import load_model
 from tests.support import encode, upload
 
@@ -253,8 +254,7 @@ def test_label_checks_apply_and_eval_refuses_tar_and_no_workers():
     cases = {("--batch-size", "0"): "batch_size: must be at least 1, got 0",  # lgca label's checks
              ("--image-column", ""): "image_column: must name the Parquet column",
              ("--input-format", "tar"): "input_format: 'tar': eval reads ImageFolder trees (files) or Parquet",
-             ("--workers", "0"): "workers: must be at least 1, got 0",
-             ("--label-column", ""): "label_column: must name the Parquet column"}
+             ("--workers", "0"): "workers: must be at least 1, got 0"}
     for flag, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             config_from_args(eval_args(["--input", "x", "--classes", "a", *flag]))
@@ -368,3 +368,27 @@ def test_an_image_that_fails_scoring_is_an_error_and_the_rest_are_scored(image_f
     for key, row in rows.items():  # every other image gets the prediction it gets in one batch
         if key != culprit:
             assert {m: row[m] for m in METHODS} == {m: clean[key][m] for m in METHODS}, key
+
+
+def test_eval_with_a_bundled_set_by_name_records_what_it_read(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "oxford_pet"  # the images, in a folder named like the set: no clash with --classes
+    for folder, pixels in (("Abyssinian", photos.chelsea()), ("Bengal", photos.chelsea()[::-1])):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "0.jpg").write_bytes(encode(np.ascontiguousarray(pixels)))
+    args = eval_args(["--input", "oxford_pet", "--classes", "oxford_pet", "--descriptions", "oxford_pet",
+                      "--descriptions-format", "descriptors", "--templates", "oxford_pet", "--model", "lgca-tiny",
+                      "--pretrained", str(tiny_checkpoint), "--device", "cpu", "--crops", "4", "--steps", "1",
+                      "--expand-top", "2", "--json", "report.json"])
+    assert args.handler(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["classes"], report["images"], report["scored"]) == (37, 2, 2)
+    assert report["inputs"] == ["oxford_pet"]
+    assert report["text_sources"] == {"classes": "bundled:oxford_pet/classes.json",
+                                      "descriptions": "bundled:oxford_pet/descriptors.json",
+                                      "descriptions_format": "descriptors",
+                                      "templates": "bundled:oxford_pet/templates.json"}
+    files = BUNDLED_FOLDER / "oxford_pet"
+    by_path = load_class_set(TextConfig(classes=str(files / "classes.json"), descriptions=str(files / "descriptors.json"),
+                                        templates=str(files / "templates.json")))
+    assert report["text_digests"] == by_path.digests()
