@@ -167,14 +167,24 @@ class ModelConfig:
         _require(ok_device, "device", f"{self.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+# The description sets shipped in pipeline/model/descriptions; a bare name selects one (docs/evaluation.md).
+BUNDLED_SETS = ("cub", "dtd", "eurosat", "food101", "oxford_pet", "place365")
+_SETS = ", ".join(BUNDLED_SETS)
+
+
 @dataclass(frozen=True)
 class TextConfig:
-    """Where the class names, descriptions and prompt templates come from."""
+    """Where the class names, descriptions and prompt templates come from: files, or a bundled set by name."""
 
-    classes: str = option("class names: a text file (one a line), a JSON list file, or inline 'cat,dog'")
-    descriptions: str = option("CuPL or descriptor JSON file; '' uses the prompts as descriptions", "")
-    descriptions_format: str = option("cupl, descriptors or auto (detected from the file)", "auto")
-    templates: str = option("JSON list of '{}' prompt templates; '' = [\"a photo of a {}.\"]", "")
+    classes: str = option(f"class names: a text file (one a line), a JSON list file, inline 'cat,dog', or a "
+                          f"bundled set's classes by name ({_SETS})")
+    descriptions: str = option("CuPL or descriptor JSON file, or a bundled set by name (its CuPL file; its "
+                               "Menon-Vondrick descriptors with --descriptions-format descriptors); "
+                               "'' uses the prompts as descriptions", "")
+    descriptions_format: str = option("cupl, descriptors or auto (detected from the file; cupl for a bundled set)",
+                                      "auto")
+    templates: str = option("JSON list of '{}' prompt templates, or a bundled set by name; "
+                            "'' = [\"a photo of a {}.\"]", "")
 
     def __post_init__(self) -> None:
         _require(bool(self.classes.strip()), "classes", "give a file of class names or a comma-separated list")

@@ -42,8 +42,9 @@ class Option:
         return f"{self.help} (default: {shown})"
 
 
-def _options_of(cls: type, section: str) -> list[Option]:
-    """The options of the fields of config class ``cls`` that carry ``option()`` metadata."""
+def options_of(cls: type, section: str) -> list[Option]:
+    """The options of the fields of config class ``cls`` that carry ``option()`` metadata (a
+    command's own fields: pass them to :func:`add_option_arguments` beside the job's flags)."""
     hints = typing.get_type_hints(cls)
     found = []
     for item in dataclasses.fields(cls):
@@ -63,9 +64,9 @@ def _options_of(cls: type, section: str) -> list[Option]:
 def _job_options() -> tuple[Option, ...]:
     """Every option of :class:`LabelJob`, in the order ``--help`` lists them: inputs and output,
     then each config section, then the job's other fields."""
-    own = {option.field: option for option in _options_of(LabelJob, "")}
+    own = {option.field: option for option in options_of(LabelJob, "")}
     hints = typing.get_type_hints(LabelJob)
-    sections = [_options_of(hints[item.name], item.name) for item in dataclasses.fields(LabelJob)
+    sections = [options_of(hints[item.name], item.name) for item in dataclasses.fields(LabelJob)
                 if dataclasses.is_dataclass(hints[item.name])]
     return tuple(sections[0] + [own.pop("output")] + [o for found in sections[1:] for o in found] + list(own.values()))
 
@@ -90,25 +91,31 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=option.described)
 
 
-def add_option_arguments(parser: argparse.ArgumentParser, flags: Sequence[str], required: Sequence[str] = ()) -> None:
-    """Add some ``lgca label`` options to another command: same names, types and help; unset
+def add_option_arguments(parser: argparse.ArgumentParser, flags: Sequence[str | Option],
+                         required: Sequence[str] = ()) -> None:
+    """Add some ``lgca label`` options (by flag name) and a command's own options (``Option``
+    objects, from :func:`options_of`) to another command: same names, types and help; unset
     flags stay ``None`` (read them back with :func:`given_options`)."""
-    for flag in flags:
-        option = BY_KEY[flag]
+    for item in flags:
+        option = BY_KEY[item] if isinstance(item, str) else item
         if option.kind is bool:
-            parser.add_argument(f"--{flag}", action="store_const", const=True, default=None, help=option.described)
+            parser.add_argument(f"--{option.flag}", action="store_const", const=True, default=None,
+                                help=option.described)
         else:
-            parser.add_argument(f"--{flag}", type=option.kind, required=flag in required, help=option.described)
+            parser.add_argument(f"--{option.flag}", type=option.kind, required=option.flag in required,
+                                action="append" if option.multiple else "store", help=option.described)
 
 
-def given_options(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, dict[str, Any]]:
+def given_options(args: argparse.Namespace, flags: Sequence[str | Option]) -> dict[str, dict[str, Any]]:
     """The flags among ``flags`` that were given, as ``{section: {field: value}}`` (every
-    section of OPTIONS is present, possibly empty; '' holds the job's own fields)."""
+    section of OPTIONS is present, possibly empty; '' holds the job's or command's own fields);
+    a repeatable flag's values as a tuple."""
     sections: dict[str, dict[str, Any]] = {option.section: {} for option in OPTIONS}
-    for flag in flags:
-        value = getattr(args, flag.replace("-", "_"))
+    for item in flags:
+        option = BY_KEY[item] if isinstance(item, str) else item
+        value = getattr(args, option.flag.replace("-", "_"))
         if value is not None:
-            sections[BY_KEY[flag].section][BY_KEY[flag].field] = value
+            sections[option.section][option.field] = tuple(value) if option.multiple else value
     return sections
 
 

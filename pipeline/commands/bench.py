@@ -5,7 +5,7 @@ as the pipeline decodes them), in this process; lgca's encoder share from a timi
 ``encode_image``, its crop share by cutting the engine's own crops again with ``cut_crops``.
 Pipeline: ``run_label_job`` (lgca, same batch size) on the same JPEGs at 1x and 4x the images,
 each in a fresh process with its own local Ray, so each peak RSS (driver: getrusage; model
-actor: VmHWM polled from /proc) is its own. docs/benchmarks.md explains every number.
+actor: polled with psutil) is its own. docs/benchmarks.md explains every number.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import resource
 import tempfile
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -46,6 +48,7 @@ MAX_IMAGES, MAX_BATCH = 1024, 32
 SIZES = (1, 4)  # pipeline runs at 1x and 4x the images
 ACTOR_MARKER = "LabelActor"  # in the process title Ray gives the model actor's worker
 POLL_SECONDS = 0.2
+MEMORY_SPLIT_KNOWN = sys.platform.startswith("linux")  # psutil reports a process's shared pages on Linux only
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,9 @@ class PipelineRun:
     errors: int
     seconds: float  # run_label_job wall time (Ray start excluded, actor start included)
     driver_peak_rss_mb: float
-    actor_peak_rss_mb: float | None  # resident set without shared memory (None where /proc cannot be read)
-    actor_peak_vmhwm_mb: float | None  # VmHWM: shared pages of Ray's object store included
-    actor_peak_shared_mb: float | None  # of which shared memory (RssShmem) at most
+    actor_peak_rss_mb: float | None  # resident set without shared pages (None off Linux, or no actor found)
+    actor_peak_vmhwm_mb: float | None  # resident set with them: object-store and file-backed pages included
+    actor_peak_shared_mb: float | None  # of which shared pages at most
 
 
 class TimedModel:
@@ -195,44 +198,30 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def descendants(root: int) -> list[int]:
-    """Pids of every live descendant of process ``root`` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found = [root]
-    for pid in found:  # the list grows while it is walked: breadth first
-        found += children.get(pid, [])
-    return found[1:]
-
-
 class PeakRssPoller(threading.Thread):
-    """Polls the memory of this process's descendants whose command line holds ``marker``.
+    """Polls the memory of this process's descendants whose command line holds ``marker`` (psutil).
 
-    Walking the process tree reads every process's ``/proc/<pid>/stat`` (about 1 ms of CPU on
-    a machine with ~120 processes), so once a matching process is found it runs only every
-    ``SCAN_EVERY`` polls; the pids it found are read at every poll. The observer thus costs
-    the measured run little.
+    Finding them lists every process on the machine (psutil reads each one's parent from
+    /proc: a few ms of CPU with ~120 processes), so once a matching process is found the search
+    runs only every ``SCAN_EVERY`` polls, and the processes found are read at every poll. A read
+    is ``memory_info()``, one small file (/proc/<pid>/statm); ``memory_full_info()`` would make
+    the kernel walk the process's whole address space (smaps), milliseconds for a model actor.
+    The observer thus costs the measured run little.
 
-    ``peak_kb``: the largest ``VmHWM`` (peak resident set, shared pages included).
-    ``peak_own_kb``: the largest ``RssAnon + RssFile`` seen, the resident set without shared
-    memory, that is without the pages of Ray's object store (``/dev/shm``) that a worker maps
-    while it reads its input blocks; ``peak_shared_kb``: the largest ``RssShmem`` seen.
+    ``peak_kb``: the largest resident set seen (shared pages included), a polled peak like the
+    kernel's ``VmHWM``. ``peak_own_kb``: the largest ``rss - shared`` seen: the process's own
+    anonymous memory (heap, tensors), without the pages of Ray's object store (``/dev/shm``)
+    that a worker maps while it reads its input blocks and without file-backed pages
+    (libraries); ``peak_shared_kb``: the largest ``shared`` seen (those two kinds of pages).
     """
 
-    FIELDS = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
-    SCAN_EVERY = 10  # polls between walks of the process tree (2 s at POLL_SECONDS)
+    SCAN_EVERY = 10  # polls between searches of the process tree (2 s at POLL_SECONDS)
 
     def __init__(self, marker: str):
         super().__init__(daemon=True)
         self.marker, self._done = marker, threading.Event()
         self.peak_kb = self.peak_own_kb = self.peak_shared_kb = 0
-        self._pids: set[int] = set()
+        self.processes: list[psutil.Process] = []  # the marked descendants the last search found
         self._polls = 0
 
     def run(self) -> None:
@@ -245,32 +234,29 @@ class PeakRssPoller(threading.Thread):
 
     def scan(self) -> None:
         """Find the descendants whose command line holds the marker (a worker's title is set
-        when it takes the actor, so an early scan may find none)."""
-        found = set()
-        for pid in descendants(os.getpid()):
+        when it takes the actor, so an early search may find none)."""
+        found = []
+        for process in psutil.Process().children(recursive=True):
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                    if self.marker.encode() in handle.read():
-                        found.add(pid)
-            except OSError:  # the process ended between listing and reading
+                if self.marker in " ".join(process.cmdline()):
+                    found.append(process)
+            except psutil.Error:  # it ended since the listing, or is not ours to read
                 continue
-        self._pids = found
+        self.processes = found
 
     def poll(self) -> None:
         """Read the matching descendants' memory now and keep the largest values seen."""
-        if not self._pids or self._polls % self.SCAN_EVERY == 0:
+        if not self.processes or self._polls % self.SCAN_EVERY == 0:
             self.scan()
         self._polls += 1
-        for pid in self._pids:
+        for process in self.processes:
             try:
-                with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-                    kb = {line.split(":")[0]: int(line.split()[1]) for line in handle
-                          if line.split(":")[0] in self.FIELDS}
-            except OSError:  # the process ended
+                memory = process.memory_info()
+            except psutil.Error:  # the process ended
                 continue
-            self.peak_kb = max(self.peak_kb, kb.get("VmHWM", 0))
-            self.peak_own_kb = max(self.peak_own_kb, kb.get("RssAnon", 0) + kb.get("RssFile", 0))
-            self.peak_shared_kb = max(self.peak_shared_kb, kb.get("RssShmem", 0))
+            self.peak_kb = max(self.peak_kb, memory.rss // 1024)
+            self.peak_own_kb = max(self.peak_own_kb, (memory.rss - memory.shared) // 1024)
+            self.peak_shared_kb = max(self.peak_shared_kb, memory.shared // 1024)
 
 
 def run_pipeline_once(job: LabelJob, ray_cpus: int, ray_gpus: int) -> PipelineRun:
@@ -283,7 +269,7 @@ def run_pipeline_once(job: LabelJob, ray_cpus: int, ray_gpus: int) -> PipelineRu
     ray.init(address="local", num_cpus=ray_cpus, num_gpus=ray_gpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     poller = PeakRssPoller(ACTOR_MARKER)
-    if os.path.isdir("/proc"):
+    if MEMORY_SPLIT_KNOWN:
         poller.start()
     try:
         clock = time.perf_counter()

@@ -4,8 +4,10 @@ The set is an ImageFolder tree (one folder per class, local or fsspec) or Parque
 image bytes and a label column (class name or 0-based class index). Folder names and labels
 match class names as descriptions do (``normalize_name``), all checked before the model loads.
 One engine pass with method lgca yields every method and LGCA step, in this process, batch by
-batch; threads read and decode at most PREFETCH_BATCHES batches ahead, so memory stays flat.
-Images that cannot be read or decoded count as errors, never as wrong predictions.
+batch; ``--workers`` threads each read and decode a whole batch, a bounded number of batches
+ahead (``storage.read_ahead``), so memory stays flat. The data, format, column, batch-size and
+pixel-limit flags are ``lgca label``'s, with its defaults and checks. Images that cannot be read
+or decoded count as errors, never as wrong predictions.
 """
 from __future__ import annotations
 
@@ -16,8 +18,6 @@ import json
 import logging
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -25,22 +25,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import (ConfigError, DEFAULT_MAX_PIXELS, ModelConfig, ScoringParams, SourceError,
-                             StorageConfig, TextConfig, to_dict)
+from pipeline.config import (ConfigError, InputConfig, ModelConfig, ResourceConfig, ScoringParams, SourceError,
+                             StorageConfig, TextConfig, option, to_dict)
 from pipeline.data.decode import DecodeLimits, Decoded, decode_image
 from pipeline.data.rows import error_reason
-from pipeline.data.sources import detect_kind, iter_parquet_rows, list_image_files, list_shards, read_file
+from pipeline.data.sources import (check_parquet_columns, detect_kind, iter_parquet_rows, list_image_files,
+                                   list_shards, read_file)
 from pipeline.method.engine import BatchScores, Engine, ImageInput
 from pipeline.model.classes import ClassSet, load_class_set, normalize_name
 from pipeline.model.loading import load_model
-from pipeline.options import SCORING_FLAGS, add_option_arguments, given_options
-from pipeline.storage import filesystem, full_uri
+from pipeline.options import SCORING_FLAGS, add_option_arguments, given_options, options_of
+from pipeline.storage import filesystem, full_uri, read_ahead
 
 METHOD_NAMES = ("clip", "cupl", "wca", "lgca")
 TOP_K = 5
-PREFETCH_BATCHES = 2  # batches read and decoded ahead of the one being scored
-# The `lgca label` options (jobspec.OPTIONS, the one table of them) that mean the same here.
-SHARED_FLAGS = SCORING_FLAGS + ("image-column", "id-column", "batch-size", "max-pixels")
+EVAL_FORMATS = ("auto", "files", "parquet")
 SETTINGS = ("crops", "alpha", "beta", "steps", "expand_top", "expand_ratio", "aggregation", "seed")
 log = logging.getLogger(__name__)
 
@@ -52,28 +51,29 @@ PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("labe
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation: the labelled data, the classes, the model and the scoring."""
+    """One evaluation: the labelled data, the classes, the model and the scoring.
 
-    data: str  # ImageFolder root, or a Parquet file, folder of Parquet files or glob
+    The sections are ``lgca label``'s, with its defaults and checks; of ``resources`` eval uses
+    ``batch_size`` (images per engine call) and ``max_pixels`` only.
+    """
+
+    inputs: InputConfig  # ImageFolder roots (format 'files') or Parquet files (format 'parquet')
     text: TextConfig
     model: ModelConfig = ModelConfig()
     scoring: ScoringParams = ScoringParams()  # method must be lgca: it yields every method
+    resources: ResourceConfig = ResourceConfig()
     storage: StorageConfig = StorageConfig()
-    input_format: str = "auto"  # 'files' (ImageFolder), 'parquet', or 'auto' (by extension)
-    image_column: str = "image"  # Parquet: encoded image bytes
-    label_column: str = "label"  # Parquet: class name or 0-based class index
-    id_column: str = ""  # Parquet: image ids; '' gives '<file uri>#<row number>'
-    batch_size: int = 32  # images per engine call
-    workers: int = 4  # threads reading and decoding ahead
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are errors (decompression bombs)
+    label_column: str = option("Parquet: the column of each image's class name or 0-based class index", "label")
+    workers: int = option("threads reading and decoding ahead, one batch each", 4)
 
     def __post_init__(self) -> None:
         if self.scoring.method != "lgca":
             raise ConfigError("method: eval scores with lgca, which yields every method's scores")
-        if self.input_format not in ("auto", "files", "parquet"):
-            raise ConfigError(f"input_format: {self.input_format!r} is not auto, files or parquet")
-        if min(self.batch_size, self.workers, self.max_pixels) < 1:
-            raise ConfigError("batch_size, workers, max_pixels: each must be at least 1")
+        if self.inputs.format not in EVAL_FORMATS:
+            raise ConfigError(f"input_format: {self.inputs.format!r}: eval reads ImageFolder trees (files) or "
+                              "Parquet files (parquet), or auto (by extension)")
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be at least 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -87,19 +87,19 @@ class Sample:
     error: str | None = None  # why there are no bytes (e.g. a null Parquet cell)
 
 
-def folder_samples(cfg: EvalConfig, names: Sequence[str]) -> list[Sample]:
-    """The images of the ImageFolder tree at ``cfg.data``, labelled by their top folder.
+def folder_samples(root: str, cfg: EvalConfig, names: Sequence[str]) -> list[Sample]:
+    """The images of the ImageFolder tree at ``root``, labelled by their top folder.
 
     Images outside a class folder, or in folders that match no class, raise ConfigError.
     """
-    fs, path = filesystem(cfg.data, cfg.storage)
+    fs, path = filesystem(root, cfg.storage)
     if not fs.isdir(path):
-        raise SourceError(f"{cfg.data}: not a folder; give an ImageFolder root (one folder per class) "
+        raise SourceError(f"{root}: not a folder; give an ImageFolder root (one folder per class) "
                           "or Parquet files with --input-format parquet")
     prefix = full_uri(fs, path).rstrip("/") + "/"
     lookup = {normalize_name(name): index for index, name in enumerate(names)}
     samples, unknown = [], {}
-    for uri in list_image_files(cfg.data, cfg.storage):
+    for uri in list_image_files(root, cfg.storage):
         folder, _, rest = uri[len(prefix):].partition("/")
         folder = folder if rest else "(images outside any class folder)"
         if rest and normalize_name(folder) in lookup:
@@ -108,7 +108,7 @@ def folder_samples(cfg: EvalConfig, names: Sequence[str]) -> list[Sample]:
             unknown[folder] = unknown.get(folder, 0) + 1
     if unknown:
         shown = ", ".join(f"{name!r} ({count} images)" for name, count in sorted(unknown.items())[:_SHOWN])
-        raise ConfigError(f"{cfg.data}: {len(unknown)} class folders match no class of --classes (case, '_' "
+        raise ConfigError(f"{root}: {len(unknown)} class folders match no class of --classes (case, '_' "
                           f"and spaces are ignored): {shown}; rename them to class names or add the classes")
     return samples
 
@@ -143,7 +143,7 @@ def parquet_samples(files: Sequence[str], labels: Sequence[list[int]], cfg: Eval
     """Stream the rows of Parquet ``files`` with their labels; a corrupt file raises SourceError."""
     for uri, file_labels in zip(files, labels):
         row_labels = iter(file_labels)
-        for batch in iter_parquet_rows(uri, cfg.storage, cfg.image_column, cfg.id_column):
+        for batch in iter_parquet_rows(uri, cfg.storage, cfg.inputs.image_column, cfg.inputs.id_column):
             for row_id, blob, error in zip(batch["id"], batch["bytes"], batch["error"]):
                 if error and row_id == f"{uri}#":
                     raise SourceError(f"{uri}: cannot be used ({error})")
@@ -151,14 +151,23 @@ def parquet_samples(files: Sequence[str], labels: Sequence[list[int]], cfg: Eval
 
 
 def list_samples(cfg: EvalConfig, names: Sequence[str]) -> Iterator[Sample]:
-    """Every labelled image of ``cfg.data``; all labels are checked before this returns."""
-    kind = cfg.input_format if cfg.input_format != "auto" else detect_kind(cfg.data)
-    if kind == "files":
-        return iter(folder_samples(cfg, names))
-    if kind != "parquet":
-        raise ConfigError(f"data: {cfg.data} looks like {kind} input; eval reads ImageFolder trees or Parquet")
-    files = list_shards(cfg.data, "parquet", cfg.storage)
-    return parquet_samples(files, [parquet_labels(uri, cfg, names) for uri in files], cfg)
+    """Every labelled image of the inputs: the ImageFolder trees', then the Parquet files'. The
+    columns and labels of every Parquet file are checked before this returns."""
+    folders: list[Sample] = []
+    files: list[str] = []
+    for uri in cfg.inputs.uris:
+        kind = cfg.inputs.format if cfg.inputs.format != "auto" else detect_kind(uri)
+        if kind == "files":
+            folders += folder_samples(uri, cfg, names)
+        elif kind == "parquet":
+            files += list_shards(uri, "parquet", cfg.storage)
+        else:
+            raise ConfigError(f"input: {uri} looks like {kind} shards; eval reads ImageFolder trees or Parquet files "
+                              "(--input-format files or parquet)")
+    files = list(dict.fromkeys(files))  # a file named by two inputs is read once
+    for uri in files:  # a missing id column (the default 'id') is named with its fix before the model loads
+        check_parquet_columns(uri, cfg.storage, cfg.inputs.image_column, cfg.inputs.id_column)
+    return itertools.chain(folders, parquet_samples(files, [parquet_labels(uri, cfg, names) for uri in files], cfg))
 
 
 def load_sample(sample: Sample, storage: StorageConfig, limits: DecodeLimits) -> Decoded:
@@ -169,19 +178,17 @@ def load_sample(sample: Sample, storage: StorageConfig, limits: DecodeLimits) ->
     return Decoded(pixels=None, width=0, height=0, error=error) if error else decode_image(data, limits)
 
 
-def loaded_batches(samples: Iterator[Sample], cfg: EvalConfig, limits: DecodeLimits,
-                   pool: ThreadPoolExecutor) -> Iterator[list[tuple[Sample, Decoded]]]:
-    """Batches of decoded samples, in order, read and decoded up to PREFETCH_BATCHES ahead."""
-    pending: deque = deque()
-    while True:
-        chunk = list(itertools.islice(samples, cfg.batch_size))
-        if chunk:
-            pending.append((chunk, [pool.submit(load_sample, s, cfg.storage, limits) for s in chunk]))
-        if not pending:
-            return
-        if len(pending) > PREFETCH_BATCHES or not chunk:
-            done, futures = pending.popleft()
-            yield list(zip(done, [future.result() for future in futures]))
+def loaded_batches(samples: Iterator[Sample], cfg: EvalConfig,
+                   limits: DecodeLimits) -> Iterator[list[tuple[Sample, Decoded]]]:
+    """Batches of ``batch_size`` decoded samples, in order, each read and decoded by one of
+    ``cfg.workers`` threads, at most 2 x workers batches ahead (:func:`read_ahead`): whole
+    batches, since reads of single images would stall a few images ahead while the engine scores."""
+    def load(chunk: list[Sample]) -> list[tuple[Sample, Decoded]]:
+        return [(sample, load_sample(sample, cfg.storage, limits)) for sample in chunk]
+
+    chunks = iter(lambda: list(itertools.islice(samples, cfg.resources.batch_size)), [])
+    for _, future in read_ahead(load, chunks, cfg.workers):
+        yield future.result()
 
 
 @dataclass
@@ -282,14 +289,15 @@ class EvalResult:
         accuracy = {name: {"top1": tally.fraction(tally.top1[name]), "top5": tally.fraction(tally.topk[name]),
                            "top1_correct": tally.top1[name], "top5_correct": tally.topk[name]}
                     for name in METHOD_NAMES}
-        return {"data": cfg.data, "model": self.model, "pretrained": cfg.model.pretrained, "device": self.device,
+        return {"inputs": list(cfg.inputs.uris), "model": self.model, "pretrained": cfg.model.pretrained, "device": self.device,
                 "precision": cfg.model.precision, "classes": len(self.classes.names), "top_k": tally.k,
                 "images": images, "scored": tally.scored, "errors": tally.errors,
                 "error_reasons": tally.error_reasons, "accuracy": accuracy,
                 "lgca_steps_top1": [tally.fraction(count) for count in tally.step_top1],
                 "lgca_steps_top1_correct": tally.step_top1, "seconds": self.seconds,
                 "images_per_second": images / self.seconds if self.seconds > 0 else 0.0,
-                "scoring": to_dict(cfg.scoring), "text_digests": self.classes.digests()}
+                "scoring": to_dict(cfg.scoring), "text_digests": self.classes.digests(),
+                "text_sources": None if self.classes.sources is None else to_dict(self.classes.sources)}
 
 
 def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:
@@ -300,12 +308,12 @@ def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:
 
 
 def run_eval(cfg: EvalConfig, predictions: str = "") -> EvalResult:
-    """Evaluate every method on ``cfg.data``; per-image rows go to ``predictions`` when given."""
+    """Evaluate every method on the inputs; per-image rows go to ``predictions`` when given."""
     classes = load_class_set(cfg.text, cfg.storage)
     samples = list_samples(cfg, classes.names)
     loaded = load_model(cfg.model, cfg.storage)
     engine = Engine.for_classes(loaded, classes, cfg.scoring)
-    limits = DecodeLimits.for_model(loaded.preprocess.image_size, cfg.scoring, cfg.max_pixels)
+    limits = DecodeLimits.for_model(loaded.preprocess.image_size, cfg.scoring, cfg.resources.max_pixels)
     tally = Tally(k=min(TOP_K, len(classes.names)), step_top1=[0] * (cfg.scoring.steps + 1))
     clock = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -313,8 +321,7 @@ def run_eval(cfg: EvalConfig, predictions: str = "") -> EvalResult:
         if predictions:
             handle = stack.enter_context(open_output(predictions, cfg.storage, "wb"))
             writer = stack.enter_context(pq.ParquetWriter(handle, PREDICTION_SCHEMA))
-        pool = stack.enter_context(ThreadPoolExecutor(cfg.workers, thread_name_prefix="lgca-eval-load"))
-        for batch in loaded_batches(samples, cfg, limits, pool):
+        for batch in loaded_batches(samples, cfg, limits):
             evaluate_batch(engine, batch, tally, writer, classes.names)
     return EvalResult(config=cfg, classes=classes, model=loaded.name, device=str(loaded.device), tally=tally,
                       seconds=time.perf_counter() - clock)
@@ -327,7 +334,7 @@ def _percent(value: float | None) -> str:
 def markdown_report(report: dict[str, Any]) -> str:
     """The JSON report of :meth:`EvalResult.to_json` as Markdown, accuracies in %."""
     steps, acc = report["lgca_steps_top1"], report["accuracy"]
-    lines = [f"# Zero-shot evaluation of `{report['data']}`", "",
+    lines = [f"# Zero-shot evaluation of {', '.join(f'`{uri}`' for uri in report['inputs'])}", "",
              f"Model `{report['model']}` (pretrained `{report['pretrained']}`) on {report['device']}, "
              f"{report['precision']}; {report['classes']} classes. {report['images']} images: "
              f"{report['scored']} scored, {report['errors']} errors; {report['images_per_second']:.2f} images/s.",
@@ -344,27 +351,26 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The eval flags: `lgca label`'s options (pipeline.options) that mean the same here, then eval's own.
+EVAL_OPTIONS = (("input", "input-format", "image-column", "id-column") + SCORING_FLAGS
+                + ("batch-size", "max-pixels") + tuple(options_of(EvalConfig, "")))
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The eval flags: the applicable ``lgca label`` options plus data and output flags."""
-    parser.add_argument("--data", required=True, help="ImageFolder root, or Parquet file/folder/glob")
-    parser.add_argument("--input-format", choices=("auto", "files", "parquet"), default="auto",
-                        help="files (ImageFolder), parquet, or auto (by extension)")
-    parser.add_argument("--label-column", default="label", help="Parquet column: class name or index")
-    parser.add_argument("--workers", type=int, default=4, help="threads reading and decoding ahead")
+    """The eval flags: the options of :class:`EvalConfig` plus the output flags."""
+    add_option_arguments(parser, EVAL_OPTIONS, required=("input", "classes"))
     parser.add_argument("--out-dir", default="", help="writes eval.json, eval.md and predictions.parquet")
     for name in ("json", "markdown", "predictions"):
         parser.add_argument(f"--{name}", default="", help=f"{name} file (overrides --out-dir)")
-    add_option_arguments(parser, SHARED_FLAGS, required=("classes",))
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The :class:`EvalConfig` of parsed ``lgca eval`` arguments (the method is always lgca)."""
-    given = given_options(args, SHARED_FLAGS)
-    return EvalConfig(data=args.data, text=TextConfig(**given["text"]), model=ModelConfig(**given["model"]),
-                      scoring=ScoringParams(method="lgca", **given["scoring"]),
-                      storage=StorageConfig(**given["storage"]), input_format=args.input_format,
-                      label_column=args.label_column, workers=args.workers,
-                      **given["inputs"], **given["resources"])  # image/id columns, batch size, max pixels
+    given = given_options(args, EVAL_OPTIONS)
+    return EvalConfig(inputs=InputConfig(**given["inputs"]), text=TextConfig(**given["text"]),
+                      model=ModelConfig(**given["model"]), scoring=ScoringParams(method="lgca", **given["scoring"]),
+                      resources=ResourceConfig(**given["resources"]), storage=StorageConfig(**given["storage"]),
+                      **given[""])
 
 
 def output_paths(args: argparse.Namespace) -> dict[str, str]:
@@ -394,6 +400,10 @@ def _handle(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand to the ``lgca`` command line."""
-    parser = commands.add_parser("eval", help="accuracy of clip, cupl, wca and lgca on a labelled image set")
+    parser = commands.add_parser(
+        "eval", help="accuracy of clip, cupl, wca and lgca on a labelled image set",
+        description="Each --input is an ImageFolder tree (one folder per class; --input-format files) or Parquet "
+                    "files with a label column (parquet); tar shards carry no labels and are refused. The other "
+                    "flags are lgca label's. See docs/evaluation.md.")
     add_eval_arguments(parser)
     parser.set_defaults(handler=_handle)

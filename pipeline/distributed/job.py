@@ -220,14 +220,14 @@ def run_label_job(job: LabelJob) -> RunSummary:
 
 
 def run_metadata(job: LabelJob, classes: ClassSet, summary: RunSummary, started: datetime) -> dict[str, Any]:
-    """The run's record: settings, text digests, versions, times and counts."""
+    """The run's record: settings, text digests and sources (bundled sets by name), versions, times and counts."""
     return {
         "run_id": summary.run_id, "name": job.name,
         "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
         "inputs": list(job.inputs.uris), "output": job.output,
         "model": to_dict(job.model), "scoring": to_dict(job.scoring), "resources": to_dict(job.resources),
         "seed": job.scoring.seed, "classes": list(classes.names), "templates": list(classes.templates),
-        "text_digests": classes.digests(), "versions": package_versions(),
+        "text_digests": classes.digests(), "text_sources": to_dict(classes.sources), "versions": package_versions(),
         "counts": {"ok": summary.ok, "error": summary.errors, "skipped": summary.skipped,
                    "skipped_shards": summary.skipped_shards},
         "error_reasons": summary.error_reasons, "seconds": summary.seconds,

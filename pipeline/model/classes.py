@@ -6,9 +6,14 @@ Menon & Vondrick descriptors). :func:`load_class_set` reads and checks them into
 frozen :class:`ClassSet`, whose digests key caches and whose JSON goes into the run
 metadata. Every problem raises :class:`ConfigError` naming the file and what to fix.
 Files are opened with ``fsspec``, so any fsspec URI (``s3://...``) works.
+
+Six benchmark sets ship in ``descriptions/`` beside this module (BUNDLED_SETS; from WCA's
+released code, MIT, LICENSE-WCA.md). A bare set name given for the classes, descriptions or
+templates selects that set's file (:func:`bundled_set` has the rule).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,9 +23,9 @@ import string
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-
-from pipeline.config import ConfigError, StorageConfig, TextConfig
+from pipeline.config import BUNDLED_SETS, ConfigError, StorageConfig, TextConfig
 from pipeline.storage import filesystem
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,22 @@ DESCRIPTION_FORMATS = ("cupl", "descriptors")
 SHORT_PHRASE_WORDS = 6.0  # mean words per entry below this counts as short phrases
 SENTENCE_FRACTION = 0.5  # fraction of entries ending in '.' from which they count as sentences
 _SHOWN = 5  # how many offending items an error message lists
+BUNDLED_FOLDER = Path(__file__).with_name("descriptions")  # one folder per name of BUNDLED_SETS
+# Bundled sets whose class list is the keys of their cupl.json, in order: eurosat has no
+# classes.json, and place365's names 19 categories more than once (refused as a class list);
+# its cupl.json keys are those names once each, in classes.json's order.
+CLASSES_FROM_CUPL_KEYS = ("eurosat", "place365")
+
+
+@dataclass(frozen=True)
+class TextSources:
+    """What a class set was read from, for the run record. A file is named as it was given, a
+    bundled one as ``bundled:<set>/<file>`` (the files of the installed lgca-pipeline version)."""
+
+    classes: str  # a file or URI, 'bundled:<set>/classes.json', 'bundled:<set>/cupl.json keys' or 'inline'
+    descriptions: str = ""  # a file, URI or 'bundled:<set>/<file>'; '' = none
+    descriptions_format: str = ""  # how the descriptions were read: 'cupl' or 'descriptors' ('' = none)
+    templates: str = ""  # a file, URI or 'bundled:<set>/templates.json'; '' = DEFAULT_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,7 @@ class ClassSet:
     names: tuple[str, ...]  # class names in the order of the class list
     templates: tuple[str, ...]  # prompt templates, each with at least one '{}'
     descriptions: tuple[tuple[str, ...], ...]  # per class, same order as names
+    sources: TextSources | None = dataclasses.field(default=None, compare=False)  # set by load_class_set
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -73,12 +95,13 @@ class ClassSet:
         }
 
     def to_json(self) -> dict:
-        """A JSON-ready record of the whole class set and its digests, for run metadata."""
+        """A JSON-ready record of the whole class set, its digests and sources, for run metadata."""
         return {
             "names": list(self.names),
             "templates": list(self.templates),
             "descriptions": [list(d) for d in self.descriptions],
             "digests": self.digests(),
+            "sources": None if self.sources is None else dataclasses.asdict(self.sources),
         }
 
 
@@ -303,8 +326,8 @@ def _index_keys(path: str, data: dict[str, list[str]]) -> dict[str, str]:
 
 
 def load_descriptions(path: str, names: Sequence[str], fmt: str,
-                      storage: StorageConfig = StorageConfig()) -> tuple[tuple[str, ...], ...]:
-    """Descriptions for each class in ``names``, in that order.
+                      storage: StorageConfig = StorageConfig()) -> tuple[tuple[tuple[str, ...], ...], str]:
+    """Descriptions for each class in ``names``, in that order, and the format they were read in.
 
     ``fmt`` is 'cupl' (entries used as they are), 'descriptors' (each phrase becomes a
     sentence by :func:`make_descriptor_sentence`) or 'auto' (see
@@ -332,8 +355,48 @@ def load_descriptions(path: str, names: Sequence[str], fmt: str,
     lists = [data[index[normalize_name(name)]] for name in names]
     if fmt == "descriptors":
         return tuple(tuple(make_descriptor_sentence(name, phrase) for phrase in phrases)
-                     for name, phrases in zip(names, lists))
-    return tuple(tuple(entries) for entries in lists)
+                     for name, phrases in zip(names, lists)), fmt
+    return tuple(tuple(entries) for entries in lists), fmt
+
+
+def bundled_set(spec: str, option: str) -> str | None:
+    """The bundled set that ``spec`` names, or None where ``spec`` is a file, a URI or (for the
+    classes) an inline list.
+
+    A spec is a set name when it is exactly one of BUNDLED_SETS (so it has no path separator
+    and no extension). A file of that name in the working folder makes the spec ambiguous:
+    ConfigError, which says how to write either one.
+    """
+    if spec not in BUNDLED_SETS:
+        return None
+    if os.path.isfile(spec):
+        raise ConfigError(f"{option}: {spec!r} names both the bundled {spec} set and the file ./{spec} in this "
+                          f"folder; write ./{spec} for the file, or {BUNDLED_FOLDER / spec} for the bundled set")
+    return spec
+
+
+def _bundled_file(spec: str, option: str, file: str) -> tuple[str, str]:
+    """(path to read, name to record) of a templates or descriptions spec: the bundled set's
+    ``file`` for a set name, else the spec itself."""
+    name = bundled_set(spec, option)
+    if name is None:
+        return spec, spec
+    return str(BUNDLED_FOLDER / name / file), f"bundled:{name}/{file}"
+
+
+def _class_names(spec: str, storage: StorageConfig) -> tuple[tuple[str, ...], str]:
+    """The class names of ``spec`` (see :func:`parse_class_list`, or a bundled set's classes)
+    and the name to record for them."""
+    name = bundled_set(spec, "classes")
+    if name is None:
+        return parse_class_list(spec, storage), spec if _is_path(spec) else "inline"
+    if name in CLASSES_FROM_CUPL_KEYS:
+        path = str(BUNDLED_FOLDER / name / "cupl.json")
+        names = tuple(_read_descriptions(path, storage))
+        _check_unique(names, path)
+        return names, f"bundled:{name}/cupl.json keys"
+    path = str(BUNDLED_FOLDER / name / "classes.json")
+    return parse_class_list(path, storage), f"bundled:{name}/classes.json"
 
 
 def load_class_set(cfg: TextConfig, storage: StorageConfig = StorageConfig()) -> ClassSet:
@@ -341,14 +404,20 @@ def load_class_set(cfg: TextConfig, storage: StorageConfig = StorageConfig()) ->
 
     No templates file gives DEFAULT_TEMPLATES; no descriptions file gives every class an
     empty description list. Each file is opened with ``storage``'s options for its own URI.
+    A bundled set's name (:func:`bundled_set`) selects its files: its class list, its
+    ``templates.json``, and its ``cupl.json``, or its ``descriptors.json`` with
+    ``descriptions_format='descriptors'``. :attr:`ClassSet.sources` records what was read.
     """
-    names = parse_class_list(cfg.classes, storage)
-    templates = DEFAULT_TEMPLATES
+    names, classes_from = _class_names(cfg.classes, storage)
+    templates, templates_from = DEFAULT_TEMPLATES, ""
     if cfg.templates:
-        templates = load_templates(cfg.templates, storage)
+        path, templates_from = _bundled_file(cfg.templates, "templates", "templates.json")
+        templates = load_templates(path, storage)
+    descriptions, fmt, descriptions_from = tuple(() for _ in names), "", ""
     if cfg.descriptions:
-        descriptions = load_descriptions(cfg.descriptions, names, cfg.descriptions_format,
-                                         storage)
-    else:
-        descriptions = tuple(() for _ in names)
-    return ClassSet(names=names, templates=templates, descriptions=descriptions)
+        file = "descriptors.json" if cfg.descriptions_format == "descriptors" else "cupl.json"
+        path, descriptions_from = _bundled_file(cfg.descriptions, "descriptions", file)
+        descriptions, fmt = load_descriptions(path, names, cfg.descriptions_format, storage)
+    sources = TextSources(classes=classes_from, descriptions=descriptions_from, descriptions_format=fmt,
+                          templates=templates_from)
+    return ClassSet(names=names, templates=templates, descriptions=descriptions, sources=sources)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from pipeline.commands.bench import PeakRssPoller, config_from_args, cpu_count, descendants, register
+from pipeline.commands.bench import MEMORY_SPLIT_KNOWN, PeakRssPoller, config_from_args, cpu_count, register
 
 ENGINE_METHODS = {"clip", "wca", "lgca"}
 TARGETS = {"lgca_over_wca_within_5pct_of_floor", "crop_time_share_under_5pct",
@@ -87,7 +86,7 @@ def test_defaults_are_vit_b_32_with_random_weights_and_calibrated_sizes():
     assert (cfg.scoring.crops, cfg.scoring.steps, cfg.scoring.expand_top) == (60, 3, 6)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.skipif(not MEMORY_SPLIT_KNOWN, reason="psutil reports shared pages on Linux only")
 def test_peak_rss_poller_finds_a_marked_child_and_its_peak():
     code = ("import mmap, sys, time; block = b'x' * (200 * 2**20); shared = mmap.mmap(-1, 100 * 2**20); "
             "shared.write(b'y' * (100 * 2**20)); print('ready', flush=True); sys.stdin.readline(); "
@@ -96,12 +95,12 @@ def test_peak_rss_poller_finds_a_marked_child_and_its_peak():
                              stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"ready\n"
-        assert child.pid in descendants(os.getpid())
         poller = PeakRssPoller("lgca-bench-test-marker")
         poller.poll()
+        assert [process.pid for process in poller.processes] == [child.pid]  # among this process's descendants
         assert poller.peak_kb / 1024 > 300  # both blocks
         assert 200 < poller.peak_own_kb / 1024 < 300  # the private block, not the shared one
-        assert 100 <= poller.peak_shared_kb / 1024 < 110
+        assert 100 <= poller.peak_shared_kb / 1024 < 120  # the shared block and the interpreter's mapped files
         child.stdin.write(b"grow\n")
         child.stdin.flush()
         assert child.stdout.readline() == b"grown\n"

@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from skimage import data as photos
 
-from pipeline.commands.evaluate import (EvalConfig, Sample, config_from_args, folder_samples, load_sample,
-                                        parquet_labels, register, run_eval)
-from pipeline.config import ConfigError, ModelConfig, ScoringParams, SourceError, StorageConfig, TextConfig
+from pipeline.commands.evaluate import (EvalConfig, Sample, config_from_args, folder_samples, list_samples,
+                                        load_sample, loaded_batches, parquet_labels, register, run_eval)
+from pipeline.config import (ConfigError, InputConfig, ModelConfig, ResourceConfig, ScoringParams, SourceError,
+                             StorageConfig, TextConfig)
 from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.method.engine import Engine, ImageInput
+from pipeline.model.classes import BUNDLED_FOLDER, load_class_set
 from pipeline.model.loading import load_model
 from tests.support import encode, upload
 
@@ -126,7 +128,7 @@ def test_eval_command_on_image_folder_matches_direct_engine_count(image_folder, 
     register(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "report"
     args = parser.parse_args([
-        "eval", "--data", str(image_folder), "--classes", ",".join(CLASSES), "--descriptions", descriptions,
+        "eval", "--input", str(image_folder), "--classes", ",".join(CLASSES), "--descriptions", descriptions,
         "--model", "lgca-tiny", "--pretrained", str(tiny_checkpoint), "--device", "cpu",
         "--batch-size", "64", "--workers", "2", "--out-dir", str(out)])
 
@@ -179,9 +181,10 @@ def test_eval_on_parquet_with_label_column_matches_direct_engine_count(tiny_chec
     path = tmp_path / "set.parquet"
     pq.write_table(pa.table({"key": keys, "img": pa.array(blobs, pa.binary()), "cls": written}), path,
                    row_group_size=5)
-    cfg = EvalConfig(data=str(path), text=TextConfig(classes=",".join(CLASSES), descriptions=descriptions),
+    cfg = EvalConfig(inputs=InputConfig((str(path),), image_column="img", id_column="key"),
+                     text=TextConfig(classes=",".join(CLASSES), descriptions=descriptions),
                      model=ModelConfig(name="lgca-tiny", pretrained=str(tiny_checkpoint), device="cpu"),
-                     image_column="img", label_column="cls", id_column="key", batch_size=1, workers=2)
+                     resources=ResourceConfig(batch_size=1), label_column="cls", workers=2)
 
     report = run_eval(cfg).to_json()
 
@@ -196,7 +199,7 @@ def test_folder_without_a_class_is_an_error_before_the_model_loads(image_folder)
     (image_folder / "Sea_Lion").mkdir()
     (image_folder / "Sea_Lion" / "0.jpg").write_bytes(encode(photos.coffee()))
     (image_folder / "loose.jpg").write_bytes(encode(photos.coffee()))
-    cfg = EvalConfig(data=str(image_folder), text=TextConfig(classes=",".join(CLASSES)),
+    cfg = EvalConfig(inputs=InputConfig((str(image_folder),)), text=TextConfig(classes=",".join(CLASSES)),
                      model=ModelConfig(name="lgca-tiny", pretrained="/no/such/checkpoint.pt", device="cpu"))
     with pytest.raises(ConfigError, match=r"2 class folders match no class of --classes .*: '\(images outside "
                                           r"any class folder\)' \(1 images\), 'Sea_Lion' \(1 images\); rename"):
@@ -207,7 +210,7 @@ def test_parquet_labels_accept_names_and_indices_and_reject_others(tmp_path):
     path = tmp_path / "labels.parquet"
     pq.write_table(pa.table({"image": pa.array([b"x"] * 3, pa.binary()), "name": ["Coffee_Cup", " DOG ", "cat"],
                              "index": [7, 0, 2], "bad": ["cat", "sea lion", "dog"]}), path)
-    base = EvalConfig(data=str(path), text=TextConfig(classes="x"))
+    base = EvalConfig(inputs=InputConfig((str(path),)), text=TextConfig(classes="x"))
 
     def labels(column: str) -> list[int]:
         return parquet_labels(str(path), dataclasses.replace(base, label_column=column), CLASSES)
@@ -223,19 +226,77 @@ def test_parquet_labels_accept_names_and_indices_and_reject_others(tmp_path):
         labels("name")
 
 
-def test_flags_fill_the_configs_and_method_is_always_lgca():
+def eval_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--data", "s3://b/places", "--classes", "a,b", "--alpha", "0.7",
-                              "--steps", "2", "--batch-size", "8", "--image-column", "img", "--anon",
-                              "--precision", "bf16", "--label-column", "y"])
-    cfg = config_from_args(args)
+    return parser.parse_args(["eval"] + argv)
+
+
+def test_flags_fill_the_label_configs_with_their_defaults_and_method_is_always_lgca():
+    cfg = config_from_args(eval_args(["--input", "s3://b/places", "--input", "more.parquet", "--classes", "cub",
+                                      "--alpha", "0.7", "--steps", "2", "--batch-size", "8", "--image-column", "img",
+                                      "--anon", "--precision", "bf16", "--label-column", "y"]))
+    assert cfg.inputs == InputConfig(uris=("s3://b/places", "more.parquet"), image_column="img")
+    assert cfg.inputs.id_column == "id" and cfg.inputs.format == "auto"  # lgca label's defaults
+    assert cfg.resources == ResourceConfig(batch_size=8)
     assert cfg.scoring == ScoringParams(method="lgca", alpha=0.7, steps=2)
-    assert cfg.text == TextConfig(classes="a,b")
+    assert cfg.text == TextConfig(classes="cub")
     assert cfg.model == ModelConfig(precision="bf16")
-    assert (cfg.batch_size, cfg.image_column, cfg.label_column, cfg.storage.anon) == (8, "img", "y", True)
+    assert (cfg.label_column, cfg.workers, cfg.storage.anon) == ("y", 4, True)
+    own = config_from_args(eval_args(["--input", "x", "--classes", "a", "--workers", "2", "--id-column", "",
+                                      "--max-pixels", "1000", "--input-format", "parquet"]))
+    assert (own.workers, own.inputs.id_column, own.inputs.format, own.resources.max_pixels) == (2, "", "parquet", 1000)
     with pytest.raises(ConfigError, match="eval scores with lgca"):
-        EvalConfig(data="x", text=TextConfig(classes="a"), scoring=ScoringParams(method="wca"))
+        EvalConfig(inputs=InputConfig(("x",)), text=TextConfig(classes="a"), scoring=ScoringParams(method="wca"))
+
+
+def test_label_checks_apply_and_eval_refuses_tar_and_no_workers():
+    cases = {("--batch-size", "0"): "batch_size: must be at least 1, got 0",  # lgca label's checks
+             ("--image-column", ""): "image_column: must name the Parquet column",
+             ("--input-format", "tar"): "input_format: 'tar': eval reads ImageFolder trees (files) or Parquet",
+             ("--workers", "0"): "workers: must be at least 1, got 0"}
+    for flag, message in cases.items():
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            config_from_args(eval_args(["--input", "x", "--classes", "a", *flag]))
+    with pytest.raises(SystemExit):  # --input is required, as in lgca label
+        eval_args(["--classes", "a"])
+
+
+def test_parquet_without_the_default_id_column_is_refused_with_the_fix_before_the_model_loads(tmp_path):
+    path = tmp_path / "set.parquet"
+    pq.write_table(pa.table({"image": pa.array([encode(photos.coffee())], pa.binary()), "label": ["coffee cup"]}),
+                   path)
+    cfg = EvalConfig(inputs=InputConfig((str(path),)), text=TextConfig(classes=",".join(CLASSES)),
+                     model=ModelConfig(name="lgca-tiny", pretrained="/no/such/checkpoint.pt", device="cpu"))
+    with pytest.raises(SourceError) as err:
+        run_eval(cfg)
+    assert str(err.value) == (f"{path}: column 'id' not found; available: image, label; pass --id-column with the "
+                              "column of image ids, or --id-column '' to number rows by file and position")
+    numbered = dataclasses.replace(cfg, inputs=InputConfig((str(path),), id_column=""))
+    assert [(s.id, s.label) for s in list_samples(numbered, CLASSES)] == [(f"{path}#0", 2)]
+
+
+def test_several_inputs_folders_then_parquet_files_each_once(image_folder, tmp_path):
+    path = tmp_path / "set.parquet"
+    pq.write_table(pa.table({"image": pa.array([encode(photos.rocket())] * 2, pa.binary()), "label": ["rocket", "Cat"],
+                             "id": ["r", "c"]}), path)
+    cfg = EvalConfig(inputs=InputConfig((str(path), str(image_folder), str(tmp_path / "*.parquet"))),
+                     text=TextConfig(classes=",".join(CLASSES)))
+    samples = list(list_samples(cfg, CLASSES))
+    _, labels = folder_items(image_folder)
+    assert [(s.id, s.label) for s in samples] == list(labels.items()) + [("r", 3), ("c", 1)]
+
+
+def test_loaded_batches_come_in_order_in_batches_of_batch_size():
+    blobs = [encode(photos.coffee()), CORRUPT, encode(photos.rocket()), encode(photos.chelsea()), CORRUPT]
+    samples = [Sample(id=str(i), uri="mem", label=i, data=blob) for i, blob in enumerate(blobs)]
+    cfg = EvalConfig(inputs=InputConfig(("x",)), text=TextConfig(classes="a"),
+                     resources=ResourceConfig(batch_size=2), workers=2)
+    batches = list(loaded_batches(iter(samples), cfg, DecodeLimits(max_short_side=64)))
+    assert [[sample.id for sample, _ in batch] for batch in batches] == [["0", "1"], ["2", "3"], ["4"]]
+    decoded = [d for batch in batches for _, d in batch]
+    assert [d.error is None for d in decoded] == [True, False, True, True, False]
+    assert [(d.height, d.width) for d in decoded if d.error is None] == [(400, 600), (427, 640), (300, 451)]
 
 
 def test_a_set_where_nothing_decodes_reports_no_accuracy_and_fails(tmp_path, tiny_checkpoint, capsys):
@@ -243,7 +304,7 @@ def test_a_set_where_nothing_decodes_reports_no_accuracy_and_fails(tmp_path, tin
     (tmp_path / "images" / "cat" / "0.jpg").write_bytes(CORRUPT)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--data", str(tmp_path / "images"), "--classes", "cat,dog",
+    args = parser.parse_args(["eval", "--input", str(tmp_path / "images"), "--classes", "cat,dog",
                               "--model", "lgca-tiny", "--pretrained", str(tiny_checkpoint), "--device", "cpu",
                               "--json", str(tmp_path / "r.json")])
     assert args.handler(args) == 1
@@ -258,10 +319,10 @@ def test_image_folder_on_object_storage_is_listed_labelled_and_read(moto_endpoin
                                    "set/coffee_cup/b.png": encode(photos.coffee(), "PNG"),
                                    "set/coffee_cup/deeper/c.jpg": encode(photos.coffee()[::2, ::2]),
                                    "set/notes.txt": b"not an image"})
-    cfg = EvalConfig(data=f"s3://{bucket}/set/", text=TextConfig(classes=",".join(CLASSES)),
+    cfg = EvalConfig(inputs=InputConfig((f"s3://{bucket}/set/",)), text=TextConfig(classes=",".join(CLASSES)),
                      storage=StorageConfig(endpoint_url=moto_endpoint))
 
-    samples = folder_samples(cfg, CLASSES)
+    samples = folder_samples(cfg.inputs.uris[0], cfg, CLASSES)
 
     assert [(s.id, s.label) for s in samples] == [(f"s3://{bucket}/set/Cat/a.jpg", 1),
                                                   (f"s3://{bucket}/set/coffee_cup/b.png", 2),
@@ -282,7 +343,7 @@ def test_an_image_that_fails_scoring_is_an_error_and_the_rest_are_scored(image_f
 
     def evaluate(out: Path) -> tuple[dict, dict]:
         args = parser.parse_args([
-            "eval", "--data", str(image_folder), "--classes", ",".join(CLASSES), "--descriptions", descriptions,
+            "eval", "--input", str(image_folder), "--classes", ",".join(CLASSES), "--descriptions", descriptions,
             "--model", "lgca-tiny", "--pretrained", str(tiny_checkpoint), "--device", "cpu",
             "--batch-size", "64", "--out-dir", str(out)])
         assert args.handler(args) == 0
@@ -307,3 +368,27 @@ def test_an_image_that_fails_scoring_is_an_error_and_the_rest_are_scored(image_f
     for key, row in rows.items():  # every other image gets the prediction it gets in one batch
         if key != culprit:
             assert {m: row[m] for m in METHODS} == {m: clean[key][m] for m in METHODS}, key
+
+
+def test_eval_with_a_bundled_set_by_name_records_what_it_read(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "oxford_pet"  # the images, in a folder named like the set: no clash with --classes
+    for folder, pixels in (("Abyssinian", photos.chelsea()), ("Bengal", photos.chelsea()[::-1])):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "0.jpg").write_bytes(encode(np.ascontiguousarray(pixels)))
+    args = eval_args(["--input", "oxford_pet", "--classes", "oxford_pet", "--descriptions", "oxford_pet",
+                      "--descriptions-format", "descriptors", "--templates", "oxford_pet", "--model", "lgca-tiny",
+                      "--pretrained", str(tiny_checkpoint), "--device", "cpu", "--crops", "4", "--steps", "1",
+                      "--expand-top", "2", "--json", "report.json"])
+    assert args.handler(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["classes"], report["images"], report["scored"]) == (37, 2, 2)
+    assert report["inputs"] == ["oxford_pet"]
+    assert report["text_sources"] == {"classes": "bundled:oxford_pet/classes.json",
+                                      "descriptions": "bundled:oxford_pet/descriptors.json",
+                                      "descriptions_format": "descriptors",
+                                      "templates": "bundled:oxford_pet/templates.json"}
+    files = BUNDLED_FOLDER / "oxford_pet"
+    by_path = load_class_set(TextConfig(classes=str(files / "classes.json"), descriptions=str(files / "descriptors.json"),
+                                        templates=str(files / "templates.json")))
+    assert report["text_digests"] == by_path.digests()

@@ -152,7 +152,7 @@ def test_labels_scores_and_error_rows(ray_cluster, folder, tmp_path, tiny_checkp
 
 
 def test_run_metadata_records_the_run(ray_cluster, folder, tmp_path, tiny_checkpoint):
-    job = make_job([folder], tmp_path / "out", tiny_checkpoint)
+    job = make_job([folder], tmp_path / "out", tiny_checkpoint, text=TextConfig(classes=CLASSES, templates="oxford_pet"))
     summary = run_label_job(job)
     meta = json.loads((tmp_path / "out" / "_lgca" / "runs" / f"{summary.run_id}.json").read_text())
     assert meta["counts"] == {"ok": summary.ok, "error": summary.errors, "skipped": 0, "skipped_shards": 0}
@@ -160,6 +160,9 @@ def test_run_metadata_records_the_run(ray_cluster, folder, tmp_path, tiny_checkp
     assert meta["model"]["pretrained"] == str(tiny_checkpoint)
     assert meta["classes"] == CLASSES.split(",")
     assert set(meta["text_digests"]) == {"classes", "descriptions", "templates"}
+    assert meta["text_sources"] == {"classes": "inline", "descriptions": "", "descriptions_format": "",
+                                    "templates": "bundled:oxford_pet/templates.json"}  # the bundled set, by name
+    assert meta["templates"] == ["a photo of a {}, a type of pet."]
     assert meta["versions"]["torch"] == torch.__version__.split("+")[0]
     assert meta["started_at"] <= meta["finished_at"]
     manifest = json.loads((tmp_path / "out" / "_lgca" / "manifest.json").read_text())

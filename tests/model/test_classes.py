@@ -1,6 +1,7 @@
-"""Tests of pipeline.model.classes against the real benchmark files in ../shared/descriptions."""
+"""Tests of pipeline.model.classes, against the real benchmark files bundled in pipeline/model/descriptions."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
@@ -9,12 +10,13 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.config import ConfigError, StorageConfig, TextConfig
-from pipeline.model.classes import (ClassSet, DEFAULT_TEMPLATES, detect_description_format, load_class_set,
-                                    load_descriptions, load_templates, make_descriptor_sentence, parse_class_list)
+from pipeline.config import BUNDLED_SETS, ConfigError, StorageConfig, TextConfig
+from pipeline.model.classes import (BUNDLED_FOLDER, ClassSet, DEFAULT_TEMPLATES, TextSources,
+                                    detect_description_format, load_class_set, load_descriptions, load_templates,
+                                    make_descriptor_sentence, parse_class_list)
 from tests.support import upload
 
-DESCRIPTIONS = Path(__file__).resolve().parents[2] / "shared" / "descriptions"
+DESCRIPTIONS = BUNDLED_FOLDER
 CLASS_COUNTS = {"cub": 200, "dtd": 47, "eurosat": 10, "food101": 101, "oxford_pet": 37}
 TEMPLATES = {
     "cub": ["a photo of a {}, a type of bird."],
@@ -122,8 +124,9 @@ def test_place365_descriptor_sentences_follow_menon_vondrick_rule(tmp_path):
 
 
 def test_food101_descriptors_use_spaced_name():
-    descriptions = load_descriptions(bench("food101", "descriptors.json"),
-                                     read("food101", "classes.json"), "auto")
+    descriptions, fmt = load_descriptions(bench("food101", "descriptors.json"),
+                                          read("food101", "classes.json"), "auto")
+    assert fmt == "descriptors"
     assert descriptions[0][:3] == ("apple pie, which is a pie dish", "apple pie, which is a crust",
                                    "apple pie, which has filling made of apples")
     assert len(descriptions[0]) == len(read("food101", "descriptors.json")["apple pie"])
@@ -165,6 +168,114 @@ def test_auto_format_detects_real_files_by_content(tmp_path, name):
 def test_benchmark_templates_load():
     for name, expected in TEMPLATES.items():
         assert load_templates(bench(name, "templates.json")) == tuple(expected)
+
+
+# ---------------------------------------------------------------- bundled sets by name
+
+
+def test_the_package_bundles_the_six_sets_with_their_licence():
+    assert sorted(path.name for path in DESCRIPTIONS.iterdir() if path.is_dir()) == sorted(BUNDLED_SETS)
+    assert "MIT License" in (DESCRIPTIONS / "LICENSE-WCA.md").read_text(encoding="utf-8")
+    for name in BUNDLED_SETS:
+        files = {"cupl.json", "descriptors.json", "templates.json"} | ({"classes.json"} if name != "eurosat" else set())
+        assert {path.name for path in (DESCRIPTIONS / name).iterdir()} == files, name
+
+
+def test_pyproject_package_data_carries_every_bundled_file():
+    """A wheel or sdist holds the package data pyproject.toml names: every bundled file must match it."""
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1]
+    line = next(line for line in section.splitlines() if line.startswith("pipeline = "))
+    package = DESCRIPTIONS.parents[1]  # the pipeline package folder
+    carried = {path for pattern in ast.literal_eval(line.split("=", 1)[1].strip()) for path in package.glob(pattern)}
+    bundled = {path for path in DESCRIPTIONS.rglob("*") if path.is_file()}
+    assert len(bundled) == 25 and bundled <= carried  # 23 JSON files, LICENSE-WCA.md and README.md
+
+
+@pytest.mark.parametrize("name", BUNDLED_SETS)
+def test_a_set_name_selects_the_bundled_classes_cupl_and_templates(tmp_path, name):
+    by_name = load_class_set(TextConfig(classes=name, descriptions=name, templates=name))
+    by_file = load_class_set(TextConfig(classes=classes_spec(tmp_path, name), descriptions=bench(name, "cupl.json"),
+                                        templates=bench(name, "templates.json")))
+    assert by_name == by_file and by_name.digests() == by_file.digests()
+    assert by_name.templates == tuple(TEMPLATES[name])
+    classes_file = "cupl.json keys" if name in ("eurosat", "place365") else "classes.json"
+    assert by_name.sources == TextSources(classes=f"bundled:{name}/{classes_file}",
+                                          descriptions=f"bundled:{name}/cupl.json", descriptions_format="cupl",
+                                          templates=f"bundled:{name}/templates.json")
+    assert by_name.to_json()["sources"]["classes"] == f"bundled:{name}/{classes_file}"
+
+
+def test_bundled_eurosat_and_place365_classes_are_their_cupl_keys_in_order():
+    eurosat = load_class_set(TextConfig(classes="eurosat"))
+    assert eurosat.names == tuple(read("eurosat", "cupl.json"))
+    assert eurosat.names[:3] == ("forest", "permanent crop land", "residential buildings or homes or apartments")
+    place365 = load_class_set(TextConfig(classes="place365"))
+    first_seen = tuple(dict.fromkeys(read("place365", "classes.json")))  # the 365 names, once each
+    assert len(place365.names) == 344 and place365.names == first_seen == tuple(read("place365", "cupl.json"))
+    assert place365.templates == DEFAULT_TEMPLATES and place365.sources.templates == ""
+
+
+def test_descriptors_format_selects_the_bundled_menon_vondrick_descriptors():
+    classes = load_class_set(TextConfig(classes="cub", descriptions="cub", descriptions_format="descriptors"))
+    assert classes.descriptions[0][:2] == ("Black-footed Albatross, which is a seabird",
+                                           "Black-footed Albatross, which has black and white")
+    assert classes.sources.descriptions == "bundled:cub/descriptors.json"
+    assert classes.sources.descriptions_format == "descriptors"
+    cupl = load_class_set(TextConfig(classes="cub", descriptions="cub", descriptions_format="cupl"))
+    assert cupl.descriptions[0] == tuple(read("cub", "cupl.json")["Black-footed Albatross"])
+    # a set's descriptions with a class list of one's own: only its classes are needed
+    pets = load_class_set(TextConfig(classes="Abyssinian,Bengal", descriptions="oxford_pet",
+                                     descriptions_format="descriptors", templates="oxford_pet"))
+    assert read("oxford_pet", "descriptors.json")["Bengal"][0] == "a large, muscular body"
+    assert pets.descriptions[1][0] == "Bengal, which is a large, muscular body"
+    assert pets.sources == TextSources(classes="inline", descriptions="bundled:oxford_pet/descriptors.json",
+                                       descriptions_format="descriptors", templates="bundled:oxford_pet/templates.json")
+
+
+def test_a_file_named_like_a_set_is_refused_and_a_folder_is_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dtd").write_text("banded\nblotchy\n", encoding="utf-8")
+    for option in ("classes", "descriptions", "templates"):
+        values = {"classes": "cat", option: "dtd"}
+        with pytest.raises(ConfigError) as err:
+            load_class_set(TextConfig(**values))
+        assert str(err.value) == (f"{option}: 'dtd' names both the bundled dtd set and the file ./dtd in this "
+                                  f"folder; write ./dtd for the file, or {DESCRIPTIONS / 'dtd'} for the bundled set")
+    local = load_class_set(TextConfig(classes="./dtd"))
+    assert local.names == ("banded", "blotchy") and local.sources.classes == "./dtd"
+    (tmp_path / "cub").mkdir()  # a folder of images named like a set (eval's data, say) is no class list
+    assert load_class_set(TextConfig(classes="cub")).names[0] == "Black-footed Albatross"
+
+
+def test_other_specs_are_recorded_as_given(tmp_path):
+    classes_file = write(tmp_path, "c.txt", "cat\ndog\n")
+    descriptions = write(tmp_path, "d.json", {"cat": ["whiskers"], "dog": ["a wagging tail"]})
+    classes = load_class_set(TextConfig(classes=classes_file, descriptions=descriptions))
+    assert classes.sources == TextSources(classes=classes_file, descriptions=descriptions,
+                                          descriptions_format="descriptors", templates="")
+    assert load_class_set(TextConfig(classes="cat,dog")).sources == TextSources(classes="inline")
+    assert load_class_set(TextConfig(classes="Cub")).names == ("Cub",)  # names are exact: an inline class
+
+
+def test_label_flags_and_job_files_select_a_bundled_set(tmp_path):
+    from pipeline.cli import build_parser
+    from pipeline.options import build_job, job_from_args, read_job_file
+
+    args = build_parser().parse_args(["label", "--input", "in/", "--output", "out/", "--classes", "food101",
+                                      "--descriptions", "food101", "--descriptions-format", "descriptors",
+                                      "--templates", "food101"])
+    job = job_from_args(args)
+    assert job.text == TextConfig(classes="food101", descriptions="food101", descriptions_format="descriptors",
+                                  templates="food101")
+    classes = load_class_set(job.text)
+    assert classes.names[0] == "apple_pie" and classes.prompts(0) == ("a photo of apple pie, a type of food.",)
+    assert classes.descriptions[0][0] == "apple pie, which is a pie dish"
+    spec = tmp_path / "job.yaml"
+    spec.write_text("input: in/\noutput: out/\nclasses: food101\ndescriptions: food101\n"
+                    "descriptions_format: descriptors\ntemplates: food101\n", encoding="utf-8")
+    assert build_job(read_job_file(str(spec))).text == job.text
+    assert "bundled set" in build_parser()._subparsers._group_actions[0].choices["label"].format_help()
 
 
 # ---------------------------------------------------------------- class lists
@@ -258,7 +369,7 @@ def test_descriptions_matching_and_empty_lists(tmp_path, caplog):
                                          "unused": ["x."], "other": ["y."]})
     with caplog.at_level(logging.WARNING, logger="pipeline.model.classes"):
         descriptions = load_descriptions(path, ["apple_pie", "TEA"], "auto")
-    assert descriptions == (("An apple pie.",), ())
+    assert descriptions == ((("An apple pie.",), ()), "cupl")
     assert "2 keys match no class and are ignored" in caplog.text
     classes = load_class_set(TextConfig(classes="apple_pie,TEA", descriptions=path))
     assert classes.descriptions[1] == () and classes.prompts(1) == ("a photo of a TEA.",)
@@ -302,16 +413,16 @@ def test_auto_format_content_sniffing_and_file_name_hint(tmp_path):
     with pytest.raises(ConfigError, match="set descriptions_format to 'cupl' or 'descriptors'"):
         detect_description_format(write(tmp_path, "x.json", ambiguous), ambiguous)
     path = write(tmp_path, "cupl.json", phrases)
-    assert load_descriptions(path, ["cat"], "auto") == (("whiskers", "a long tail"),)
+    assert load_descriptions(path, ["cat"], "auto") == ((("whiskers", "a long tail"),), "cupl")  # by its name
     assert load_descriptions(path, ["cat"], "descriptors") == (
-        ("cat, which has whiskers", "cat, which is a long tail"),)
+        (("cat, which has whiskers", "cat, which is a long tail"),), "descriptors")
 
 
 def test_descriptions_through_memory_filesystem():
     with fsspec.open("memory://prompts-test/descriptors.json", "w") as handle:
         json.dump({"cat": ["whiskers"]}, handle)
     assert load_descriptions("memory://prompts-test/descriptors.json", ["cat"], "auto") == (
-        ("cat, which has whiskers",),)
+        (("cat, which has whiskers",),), "descriptors")
 
 
 # ---------------------------------------------------------------- ClassSet
@@ -342,7 +453,10 @@ def test_to_json_round_trips():
                        descriptions=(("a cat.",), ()))
     record = json.loads(json.dumps(classes.to_json()))
     assert record == {"names": ["cat", "dog"], "templates": ["a photo of a {}."],
-                      "descriptions": [["a cat."], []], "digests": classes.digests()}
+                      "descriptions": [["a cat."], []], "digests": classes.digests(), "sources": None}
+    loaded = load_class_set(TextConfig(classes="cat,dog", templates="oxford_pet"))
+    assert json.loads(json.dumps(loaded.to_json()))["sources"] == {
+        "classes": "inline", "descriptions": "", "descriptions_format": "", "templates": "bundled:oxford_pet/templates.json"}
 
 
 def test_class_set_validates_itself():
