@@ -81,9 +81,7 @@ def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
 
 def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> None:
     """Write ``content`` as indented JSON (parents created)."""
-    fs, path = filesystem(uri, storage)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as handle:
+    with open_output(uri, storage, "w") as handle:
         json.dump(content, handle, indent=2, sort_keys=True)
 
 
@@ -103,3 +101,12 @@ def read_ahead(read: Callable[[T], Any], items: Iterable[T], threads: int) -> It
             yield ahead.popleft()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def open_output(uri: str, storage: StorageConfig, mode: str = "wb") -> Any:
+    """Open a file (local path or fsspec URI) for writing, creating its folder: the one way
+    this package writes a file that is not a data file (JSON records, reports, pictures)."""
+    fs, path = filesystem(uri, storage)
+    if "/" in path:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    return fs.open(path, mode)

@@ -35,7 +35,7 @@ from pipeline.method.engine import BatchScores, Engine, ImageInput
 from pipeline.model.classes import ClassSet, load_class_set, normalize_name
 from pipeline.model.loading import load_model
 from pipeline.options import SCORING_FLAGS, add_option_arguments, given_options, options_of
-from pipeline.storage import filesystem, full_uri, read_ahead
+from pipeline.storage import filesystem, full_uri, open_output, read_ahead
 
 METHOD_NAMES = ("clip", "cupl", "wca", "lgca")
 TOP_K = 5
@@ -298,13 +298,6 @@ class EvalResult:
                 "images_per_second": images / self.seconds if self.seconds > 0 else 0.0,
                 "scoring": to_dict(cfg.scoring), "text_digests": self.classes.digests(),
                 "text_sources": None if self.classes.sources is None else to_dict(self.classes.sources)}
-
-
-def open_output(uri: str, storage: StorageConfig, mode: str) -> Any:
-    """Open an output file (local or fsspec URI) for writing, creating its folder."""
-    fs, path = filesystem(uri, storage)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    return fs.open(path, mode)
 
 
 def run_eval(cfg: EvalConfig, predictions: str = "") -> EvalResult:
