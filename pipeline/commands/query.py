@@ -124,7 +124,7 @@ class Summary:
     labels: dict[str, int]  # ok rows per label, most frequent first
     error_reasons: dict[str, int]  # error rows per reason (the error's text before the first ':')
     margin: float  # low-confidence threshold on top-1 minus top-2 score
-    low_confidence: Share  # ok rows with >= 2 scores whose top-1 beats top-2 by less than margin
+    low_confidence: Share  # ok rows with a margin (top-1 minus top-2 score) below `margin`
     method: str | None  # the method that gave `label` (from the manifest), None when unknown
     agreement: dict[str, Share]  # per method: ok rows with that method's label set, equal to `label`
     runs: list[dict[str, Any]]  # run metadata (RUN_FIELDS) plus `rows` found in the data, oldest first
@@ -166,9 +166,8 @@ def summary_table(con: duckdb.DuckDBPyConnection, margin: float, methods: tuple[
         f"CREATE TEMP TABLE {SUMMARY_TABLE} AS SELECT "
         "CASE WHEN GROUPING(run_id) = 0 THEN 'run' WHEN GROUPING(reason) = 0 THEN 'reason' ELSE 'label' END "
         "AS grouping, status, label, reason, run_id, count(*) AS n, "
-        "count(*) FILTER (WHERE len(topk_scores) >= 2) AS ranked, count(*) FILTER (WHERE len(topk_scores) >= 2 "
-        "AND CAST(topk_scores[1] AS DOUBLE) - CAST(topk_scores[2] AS DOUBLE) < ?) AS low"
-        f"{agreement} FROM (SELECT status, label, run_id, topk_scores{columns}, CASE WHEN status = 'error' THEN "
+        "count(*) FILTER (WHERE margin IS NOT NULL) AS ranked, count(*) FILTER (WHERE margin < CAST(? AS DOUBLE)) AS low"
+        f"{agreement} FROM (SELECT status, label, run_id, margin{columns}, CASE WHEN status = 'error' THEN "
         f"{ERROR_REASON_SQL} END AS reason "
         f"FROM {LABELS_VIEW}) GROUP BY GROUPING SETS ((status, label), (status, reason), (run_id))", [margin])
 
