@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
