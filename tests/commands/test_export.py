@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import urllib.request
 import xml.etree.ElementTree as ET
 
@@ -75,7 +74,7 @@ def test_labelstudio_tasks_and_config(labelled, tmp_path, capsys):
     assert not interface.validate_prediction(wrong)  # the SDK's check does look at the choices
 
 
-def test_fiftyone_dataset_with_confidences(labelled, tmp_path):
+def test_fiftyone_dataset_with_confidences(labelled, tmp_path, monkeypatch):
     target = tmp_path / "fo"
     count, inside = export(str(labelled.root), "fiftyone", str(target), StorageConfig())
     rows = ok_rows(labelled)
@@ -88,7 +87,7 @@ def test_fiftyone_dataset_with_confidences(labelled, tmp_path):
     for row in rows:
         assert labels["labels"][sample_key(row["id"])] == {"label": row["label"], "confidence": pytest.approx(row["score"])}
 
-    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    monkeypatch.setenv("FIFTYONE_DO_NOT_TRACK", "true")
     from fiftyone.utils.data.importers import FiftyOneImageClassificationDatasetImporter
 
     importer = FiftyOneImageClassificationDatasetImporter(str(target), data_path="data.json")
