@@ -77,6 +77,8 @@ BY_KEY = {option.flag: option for option in OPTIONS}
 # storage): what `lgca explain` and `lgca eval` take from `lgca label`.
 SCORING_FLAGS = tuple(option.flag for option in OPTIONS if option.section in ("text", "model", "scoring", "storage")
                       and option.flag not in ("method", "top-k"))
+# The object-storage options (`--endpoint-url` ...): what the commands reading an output take.
+STORAGE_FLAGS = tuple(option.flag for option in OPTIONS if option.section == "storage")
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:

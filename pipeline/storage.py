@@ -85,6 +85,15 @@ def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> Non
         json.dump(content, handle, indent=2, sort_keys=True)
 
 
+def write_text(uri: str, text: str, storage: StorageConfig) -> None:
+    """Write ``text`` (UTF-8) to a local path or fsspec URL; a local file's folders are created."""
+    fs, path = filesystem(uri, storage)
+    if isinstance(fs, LocalFileSystem) and "/" in path:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def read_ahead(read: Callable[[T], Any], items: Iterable[T], threads: int) -> Iterator[tuple[T, Future]]:
     """``(item, future of read(item))`` for each of ``items``, in order, with ``threads`` reads
     running at once and at most twice as many finished ahead of the caller, so memory stays

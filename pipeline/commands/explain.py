@@ -5,13 +5,15 @@ The picture (see :class:`ExplainLayout` for the exact geometry):
 * a header: the final lgca label and score, the clip, cupl and wca labels, the image and
   the settings, and a legend;
 * one panel per step ``t = 0..T``, left to right in rows of ``columns``: the image scaled
-  to ``panel_width`` (aspect ratio kept), tinted in :data:`WEIGHT_COLOUR` by the crop-weight
-  map of step t (each pixel's opacity is proportional to the sum of ``w^t_i`` over the boxes
-  ``boxes^t_i`` that contain it, normalised per panel), with the N crop boxes outlined in the
-  same colour, opacity proportional to ``w^t_i / max_i w^t_i``;
-  the K boxes expanded at step t (their grown geometry) outlined on top, opaque, in
-  :data:`EXPANDED_COLOUR`, :data:`EXPANDED_WIDTH` pixels wide, inside the box; under the
-  image, the step's top-3 labels with their scores ``S_t``.
+  to ``panel_width`` (aspect ratio kept) in grey, under a heat map of step t's crop weights:
+  each pixel's heat ``h`` is the sum of ``w^t_i`` over the boxes ``boxes^t_i`` that contain
+  it, divided by the panel's maximum, coloured :func:`heat_colours` (blue at 0, green at
+  0.5, red at 1) and blended at :data:`HEAT_OPACITY`, so ``red - blue`` of a drawn pixel is
+  ``HEAT_OPACITY * 255 * (2h - 1)`` whatever the image; the K boxes expanded at step t (their
+  grown geometry) outlined on top, opaque, in :data:`EXPANDED_COLOUR`,
+  :data:`EXPANDED_WIDTH` pixels wide, inside the box; under the image, the step's top-3
+  labels with their scores ``S_t``. The N crop boxes themselves are not outlined (60
+  outlines hide the image); the heat map shows where their weight lies.
 
 Boxes are in original-image pixels (as :class:`~pipeline.method.engine.BatchScores` holds them)
 and are drawn at ``round(x * panel_width / W)``, ``round(y * panel_height / H)``, clamped
@@ -35,11 +37,9 @@ from pipeline.model.classes import load_class_set
 from pipeline.options import SCORING_FLAGS, add_option_arguments, given_options
 from pipeline.storage import filesystem, full_uri
 
-WEIGHT_COLOUR = (255, 200, 0)  # crop boxes, opacity from their weight
-EXPANDED_COLOUR = (255, 0, 255)  # boxes expanded at the panel's step; pure, drawn opaque
+EXPANDED_COLOUR = (255, 0, 255)  # boxes expanded at the panel's step; no heat colour is pure magenta
 EXPANDED_WIDTH = 3  # outline width of expanded boxes, drawn inside the box
-HEAT_OPACITY = 0.45  # tint opacity where the crop-weight map is highest
-OUTLINE_OPACITY = 0.8  # outline opacity of the heaviest box of a panel
+HEAT_OPACITY = 0.5  # the heat map's share of each pixel; the rest is the image in grey
 TEXT_COLOUR = (0, 0, 0)
 BACKGROUND = (255, 255, 255)
 FONT_SIZE = 12
@@ -111,20 +111,22 @@ def weight_map(boxes: np.ndarray, weights: np.ndarray, size: tuple[int, int]) ->
     return heat / peak if peak > 0 else heat
 
 
+def heat_colours(heat: np.ndarray) -> np.ndarray:
+    """``[..., 3]`` RGB (0..255 floats) for heat values in ``[0, 1]``: blue, green at 0.5, red;
+    red minus blue is ``255 * (2h - 1)``, so the heat can be read back from a drawn pixel."""
+    return 255.0 * np.stack([heat, 4.0 * heat * (1.0 - heat), 1.0 - heat], axis=-1)
+
+
 def draw_step_panel(image: Image.Image, boxes: np.ndarray, weights: np.ndarray, expanded: Sequence[int],
                     labels: Sequence[tuple[str, float]], title: str) -> Image.Image:
-    """One step: ``image`` with its boxes (picture pixels, ``[N, 4]``) shaded by ``weights``
-    ``[N]``, the boxes ``expanded`` (indices) outlined, and ``title`` and ``labels`` below."""
-    alpha = HEAT_OPACITY * weight_map(boxes, weights, image.size)[..., None]
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    tinted = np.rint(pixels * (1.0 - alpha) + np.array(WEIGHT_COLOUR) * alpha).astype(np.uint8)
+    """One step: ``image`` in grey under the heat map of its boxes (picture pixels, ``[N, 4]``)
+    weighted by ``weights`` ``[N]``, the boxes ``expanded`` (indices) outlined, and ``title``
+    and ``labels`` below."""
+    grey = np.asarray(image.convert("L"), dtype=np.float64)[..., None]
+    heat = heat_colours(weight_map(boxes, weights, image.size))
+    blended = np.rint(grey * (1.0 - HEAT_OPACITY) + heat * HEAT_OPACITY).astype(np.uint8)
     panel = Image.new("RGB", (image.width, image.height + CAPTION_HEIGHT), BACKGROUND)
-    panel.paste(Image.fromarray(tinted), (0, 0))
-    draw = ImageDraw.Draw(panel, "RGBA")  # RGBA colours are blended into the RGB picture
-    relative = np.asarray(weights, dtype=np.float64) / max(float(np.max(weights)), 1e-12)
-    for i in np.argsort(relative, kind="stable"):  # heaviest last, on top
-        opacity = round(255 * OUTLINE_OPACITY * relative[i])
-        draw.rectangle([int(v) for v in boxes[i]], outline=(*WEIGHT_COLOUR, opacity))
+    panel.paste(Image.fromarray(blended), (0, 0))
     solid = ImageDraw.Draw(panel)
     for i in expanded:
         solid.rectangle([int(v) for v in boxes[i]], outline=EXPANDED_COLOUR, width=EXPANDED_WIDTH)
@@ -179,7 +181,8 @@ def render(explanation: Explanation, panel_width: int = 320, columns: int = 4) -
     final = _top(names, scores.lgca[0].numpy(), 1)[0]
     others = "   ".join(f"{m}: {_top(names, scores.method(m)[0].numpy(), 1)[0][0]}" for m in ("clip", "cupl", "wca"))
     header = [f"lgca: {final[0]} ({final[1]:.4f})   {others}", explanation.description,
-              "yellow: crop boxes and their summed weights w^t (opacity);  magenta: boxes expanded at step t"]
+              "heat map: summed weights w^t of the crops covering each pixel (blue low, red high);  "
+              "magenta: boxes expanded at step t"]
     return compose(panels, header, layout)
 
 

@@ -21,6 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.config import QueryError, StorageConfig
 from pipeline.data.labels import LABELS_VIEW, connect, run_sql
 from pipeline.data.output import Output
+from pipeline.data.review import provenance
 from pipeline.data.rows import ERROR_REASON_SQL
 from pipeline.options import add_option_arguments, given_options
 from pipeline.storage import filesystem
@@ -124,7 +125,7 @@ class Summary:
     labels: dict[str, int]  # ok rows per label, most frequent first
     error_reasons: dict[str, int]  # error rows per reason (the error's text before the first ':')
     margin: float  # low-confidence threshold on top-1 minus top-2 score
-    low_confidence: Share  # ok rows with >= 2 scores whose top-1 beats top-2 by less than margin
+    low_confidence: Share  # ok rows with a margin (top-1 minus top-2 score) below `margin`
     method: str | None  # the method that gave `label` (from the manifest), None when unknown
     agreement: dict[str, Share]  # per method: ok rows with that method's label set, equal to `label`
     runs: list[dict[str, Any]]  # run metadata (RUN_FIELDS) plus `rows` found in the data, oldest first
@@ -166,20 +167,15 @@ def summary_table(con: duckdb.DuckDBPyConnection, margin: float, methods: tuple[
         f"CREATE TEMP TABLE {SUMMARY_TABLE} AS SELECT "
         "CASE WHEN GROUPING(run_id) = 0 THEN 'run' WHEN GROUPING(reason) = 0 THEN 'reason' ELSE 'label' END "
         "AS grouping, status, label, reason, run_id, count(*) AS n, "
-        "count(*) FILTER (WHERE len(topk_scores) >= 2) AS ranked, count(*) FILTER (WHERE len(topk_scores) >= 2 "
-        "AND CAST(topk_scores[1] AS DOUBLE) - CAST(topk_scores[2] AS DOUBLE) < ?) AS low"
-        f"{agreement} FROM (SELECT status, label, run_id, topk_scores{columns}, CASE WHEN status = 'error' THEN "
+        "count(*) FILTER (WHERE margin IS NOT NULL) AS ranked, count(*) FILTER (WHERE margin < CAST(? AS DOUBLE)) AS low"
+        f"{agreement} FROM (SELECT status, label, run_id, margin{columns}, CASE WHEN status = 'error' THEN "
         f"{ERROR_REASON_SQL} END AS reason "
         f"FROM {LABELS_VIEW}) GROUP BY GROUPING SETS ((status, label), (status, reason), (run_id))", [margin])
 
 
 def output_method(output: str, storage: StorageConfig, runs: list[dict[str, Any]]) -> str | None:
     """The scoring method of the output's rows: from the manifest, else from the latest run."""
-    manifest = Output(output, storage).read_manifest() or {}
-    method = manifest.get("scoring", {}).get("method")
-    if method is None and runs:
-        method = runs[-1].get("scoring", {}).get("method")
-    return method
+    return provenance(output, storage, runs).method
 
 
 def summarize(output: str, storage: StorageConfig, margin: float = DEFAULT_MARGIN) -> Summary:

@@ -19,6 +19,11 @@ from pipeline.data.rows import SCHEMA
 from pipeline.storage import filesystem
 
 LABELS_VIEW = "labels"
+ROWS_TABLE = "lgca_rows"  # the registered dataset; `labels` is a view over it
+# The one definition of an ok row's margin (top-1 minus top-2 score of the run's method): the
+# `margin` column, or for rows written before it existed (read back as null), the same float32
+# difference of the first two top-k scores (null where there is only one).
+MARGIN_SQL = "coalesce(margin, CAST(topk_scores[1] - topk_scores[2] AS FLOAT))"
 
 
 def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
@@ -36,9 +41,11 @@ def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
 
 
 def connect(output: str, storage: StorageConfig) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the output's rows as the view ``labels``."""
+    """An in-memory DuckDB connection with the output's rows as the view ``labels``, whose
+    ``margin`` is MARGIN_SQL (so outputs written without the column have one too)."""
     con = duckdb.connect()
-    con.register(LABELS_VIEW, labels_dataset(output, storage))
+    con.register(ROWS_TABLE, labels_dataset(output, storage))
+    con.execute(f"CREATE VIEW {LABELS_VIEW} AS SELECT * REPLACE ({MARGIN_SQL} AS margin) FROM {ROWS_TABLE}")
     return con
 
 

@@ -32,6 +32,7 @@ SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("label", pa.string()),
     ("score", pa.float32()),
+    ("margin", pa.float32()),
     ("topk_labels", pa.list_(pa.string())),
     ("topk_scores", pa.list_(pa.float32())),
     ("clip_label", pa.string()),
@@ -83,6 +84,15 @@ def _steps_column(names: Sequence[str], scores: BatchScores, top_k: int) -> pa.A
     return pa.array(rows, pa.list_(STEP_TYPE))
 
 
+def _margins(scores: torch.Tensor) -> pa.Array:
+    """Top-1 minus top-2 score of each row of ``scores`` ``[B, C]`` (in its float32 arithmetic,
+    as DuckDB's MARGIN_SQL fallback computes it); null where there is only one class."""
+    if scores.shape[1] < 2:
+        return pa.nulls(scores.shape[0], pa.float32())
+    top2 = scores.float().topk(2, dim=1).values
+    return pa.array((top2[:, 0] - top2[:, 1]).numpy(), pa.float32())
+
+
 def scored_table(ids: Sequence[str], uris: Sequence[str], widths: Sequence[int], heights: Sequence[int],
                  scores: BatchScores, names: Sequence[str], method: str, top_k: int,
                  run_id: str) -> pa.Table:
@@ -96,6 +106,7 @@ def scored_table(ids: Sequence[str], uris: Sequence[str], widths: Sequence[int],
         "width": pa.array(list(widths), pa.int32()), "height": pa.array(list(heights), pa.int32()),
         "label": pa.array(_labels(names, top_index[:, 0]), pa.string()),
         "score": pa.array(top_scores[:, 0].numpy(), pa.float32()),
+        "margin": _margins(scores.method(method)),
         "topk_labels": pa.array(_labels(names, top_index), pa.list_(pa.string())),
         "topk_scores": pa.array(top_scores.tolist(), pa.list_(pa.float32())),
         "clip_label": _argmax_labels(names, scores.clip, count),

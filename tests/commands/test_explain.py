@@ -9,8 +9,8 @@ import skimage.data
 from PIL import Image
 
 from pipeline.commands.explain import (BACKGROUND, EXPANDED_COLOUR, EXPANDED_WIDTH, ExplainLayout, HEAT_OPACITY,
-                                       OUTLINE_OPACITY, WEIGHT_COLOUR, configs_from_args, draw_step_panel,
-                                       read_image, register, scale_boxes, weight_map)
+                                       configs_from_args, draw_step_panel, heat_colours, read_image, register,
+                                       scale_boxes, weight_map)
 from pipeline.config import ConfigError, ModelConfig, ScoringParams, StorageConfig, TextConfig
 from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.method.engine import Engine, ImageInput
@@ -31,8 +31,9 @@ def cli(*argv: str) -> int:
     return args.handler(args)
 
 
-def blend(colour: tuple[int, ...], under: tuple[int, ...], alpha: int) -> np.ndarray:
-    return np.array([(c * alpha + u * (255 - alpha)) / 255 for c, u in zip(colour, under)])
+def heat_of(pixels: np.ndarray) -> np.ndarray:
+    """The heat ``h`` a drawn panel shows at each pixel: red - blue = HEAT_OPACITY * 255 * (2h - 1)."""
+    return ((pixels[..., 0] - pixels[..., 2]) / (HEAT_OPACITY * 255) + 1) / 2
 
 
 def outline_band(box: np.ndarray, shape: tuple[int, int], width: int) -> np.ndarray:
@@ -73,19 +74,25 @@ def test_weight_map_sums_covering_weights():
     assert not weight_map(boxes, np.zeros(2), (5, 3)).any()
 
 
-def test_draw_step_panel_shades_by_weight_and_outlines_expanded():
+def test_heat_colours_run_from_blue_to_red():
+    got = heat_colours(np.array([0.0, 0.5, 1.0]))
+    np.testing.assert_allclose(got, [[0, 0, 255], [127.5, 255, 127.5], [255, 0, 0]])
+
+
+def test_draw_step_panel_draws_the_heat_map_and_outlines_expanded():
     image = Image.new("RGB", (100, 80), GREY)
     boxes = np.array([[10, 10, 50, 50], [60, 20, 90, 70], [0, 0, 99, 79]])
     panel = draw_step_panel(image, boxes, np.array([0.6, 0.3, 0.0]), [1],
                             [("cat", 0.3125), ("dog", 0.25), ("fox", 0.125)], "step 1")
     pixels = np.asarray(panel).astype(int)
     assert panel.size == (100, 80 + 4 * 16 + 8)
-    heavy = blend(WEIGHT_COLOUR, GREY, 255 * HEAT_OPACITY)
-    assert np.abs(pixels[30, 30] - heavy).max() <= 1  # inside the heaviest box
-    assert np.abs(pixels[40, 75] - blend(WEIGHT_COLOUR, GREY, 255 * HEAT_OPACITY / 2)).max() <= 1
-    assert pixels[75, 5].tolist() == list(GREY)  # only the zero-weight box covers this
-    outline = blend(WEIGHT_COLOUR, heavy, round(255 * OUTLINE_OPACITY))
-    assert np.abs(pixels[30, 10] - outline).max() <= 1  # the heaviest box's outline
+    grey = GREY[0] * (1 - HEAT_OPACITY)
+    for (y, x), heat in (((30, 30), 1.0), ((40, 75), 0.5), ((75, 5), 0.0)):  # heaviest box, half, zero weight
+        want = grey + HEAT_OPACITY * heat_colours(np.array(heat))
+        assert np.abs(pixels[y, x] - want).max() <= 1, (y, x)
+    np.testing.assert_allclose(heat_of(pixels[:80])[30, 30], 1.0, atol=0.01)
+    # no crop box is outlined: along the heaviest box's edge the picture is the heat map's
+    assert np.abs(pixels[30, 10] - (grey + HEAT_OPACITY * heat_colours(np.array(1.0)))).max() <= 1
     band = outline_band(boxes[1], (80, 100), EXPANDED_WIDTH)
     magenta = (pixels[:80] == EXPANDED_COLOUR).all(axis=-1)
     assert (magenta == band).all()
@@ -116,6 +123,20 @@ def engine_scores(photo, checkpoint):
     return engine.score([image])
 
 
+def check_heat_peak(panel: np.ndarray, magenta: np.ndarray, scores, step: int, image_size) -> None:
+    """The drawn heat map of ``step`` peaks inside the box with the largest weight w^t_i, and
+    matches the weight map of the engine's boxes away from the expanded outlines."""
+    size = panel.shape[1], panel.shape[0]
+    boxes = scale_boxes(scores.boxes[step, 0].numpy(), *image_size, size)
+    weights = scores.weights[step, 0].numpy()
+    shown = np.where(magenta, -1.0, heat_of(panel))
+    peak_y, peak_x = np.unravel_index(shown.argmax(), shown.shape)
+    x0, y0, x1, y1 = boxes[weights.argmax()]
+    assert x0 <= peak_x <= x1 and y0 <= peak_y <= y1, (step, (peak_x, peak_y), boxes[weights.argmax()].tolist())
+    want = weight_map(boxes, weights, size)
+    assert np.abs(shown - want)[~magenta].max() < 0.01  # within the rounding of 8-bit colours
+
+
 def test_explain_draws_the_engines_boxes(photo, tiny_checkpoint, tmp_path, capsys):
     target = tmp_path / "pics" / "explain.png"
     target.parent.mkdir()
@@ -138,6 +159,7 @@ def test_explain_draws_the_engines_boxes(photo, tiny_checkpoint, tmp_path, capsy
     for t in range(3):
         x, y = 8 + t * (PANEL_WIDTH + 8), header
         region = magenta[y:y + panel_h, x:x + PANEL_WIDTH]
+        check_heat_peak(picture[y:y + panel_h, x:x + PANEL_WIDTH], region, scores, t, (width, height))
         if t == 0:
             assert not region.any()  # nothing is expanded at step 0
             continue

@@ -263,9 +263,23 @@ def test_summary_skips_own_method_and_handles_missing_columns(tmp_path):
     write_json(Output(str(root)).manifest, {"scoring": {"method": "wca"}}, StorageConfig())
     summary = summarize(str(root), StorageConfig())
     assert set(summary.agreement) == {"clip", "cupl"}
-    assert summary.low_confidence == Share(0, 0) and summary.low_confidence.share is None
+    # top_k = 1 keeps one score per row, but the margin column comes from all the classes' scores
+    top2 = scores.wca.topk(2, dim=1).values
+    low = int(((top2[:, 0] - top2[:, 1]) < 0.01).sum())
+    assert summary.low_confidence == Share(low, 4)
     assert summary.runs == [] and summary.errors == 0 and summary.error_reasons == {}
-    assert "low confidence (top-1 score less than 0.01 above top-2): 0 of 0 ok rows" in format_summary(summary)
+    assert f"low confidence (top-1 score less than 0.01 above top-2): {low} of 4" in format_summary(summary)
+
+
+def test_summary_of_an_output_written_before_the_margin_column(output):
+    """Files without `margin` (older outputs): the low-confidence count comes from topk_scores."""
+    want = summarize(str(output), StorageConfig()).low_confidence
+    for path in (output / "data").glob("*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["margin"]), path)
+    assert "margin" not in pq.read_schema(next((output / "data").glob("*.parquet"))).names
+    assert summarize(str(output), StorageConfig()).low_confidence == want
+    assert want == Share(*expected_summary(all_rows(output), 0.01)["low"])
 
 
 # ---- the same on S3 ------------------------------------------------------------------
