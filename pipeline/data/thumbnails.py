@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.config import StorageConfig
 from pipeline.data.decode import DecodeLimits, decode_image
-from pipeline.data.sources import detect_kind, iter_tar_members, read_file
+from pipeline.data.sources import detect_kind, iter_tar_rows, read_file
 from pipeline.storage import read_ahead
 
 THUMB_SIZE = 160  # longest side of a thumbnail, in pixels
@@ -72,7 +72,8 @@ def _from_tar(uri: str, refs: Sequence[ImageRef], storage: StorageConfig, size: 
     """Thumbnails of members of the tar shard ``uri`` (ids ``<uri>#<member>``), in one pass."""
     wanted = {ref.image_id for ref in refs}
     found: dict[str, Thumbnail] = {}
-    for row in iter_tar_members(uri, storage):
+    rows = (dict(zip(batch, values)) for batch in iter_tar_rows(uri, storage) for values in zip(*batch.values()))
+    for row in rows:
         if row["id"] in wanted:
             found[row["id"]] = placeholder(row["error"], size) if row["error"] else make_thumbnail(row["bytes"], size)
         elif row["id"] == f"{uri}#":  # the shard broke off: the members not seen yet cannot be read

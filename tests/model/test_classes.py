@@ -1,9 +1,9 @@
 """Tests of pipeline.model.classes, against the real benchmark files bundled in pipeline/model/descriptions."""
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
+import tomllib
 import logging
 from pathlib import Path
 
@@ -183,11 +183,10 @@ def test_the_package_bundles_the_six_sets_with_their_licence():
 
 def test_pyproject_package_data_carries_every_bundled_file():
     """A wheel or sdist holds the package data pyproject.toml names: every bundled file must match it."""
-    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
-    section = pyproject.split("[tool.setuptools.package-data]", 1)[1]
-    line = next(line for line in section.splitlines() if line.startswith("pipeline = "))
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["pipeline"]
     package = DESCRIPTIONS.parents[1]  # the pipeline package folder
-    carried = {path for pattern in ast.literal_eval(line.split("=", 1)[1].strip()) for path in package.glob(pattern)}
+    carried = {path for pattern in patterns for path in package.glob(pattern)}
     bundled = {path for path in DESCRIPTIONS.rglob("*") if path.is_file()}
     assert len(bundled) == 25 and bundled <= carried  # 23 JSON files, LICENSE-WCA.md and README.md
 
