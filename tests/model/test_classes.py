@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import logging
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package (the test extra's tomli)
+    import tomli as tomllib
 
 import fsspec
 import pytest
