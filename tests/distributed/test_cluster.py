@@ -49,7 +49,7 @@ def test_head_takes_no_work_and_gpu_workers_scale_from_zero_on_spot(cluster):
 def test_nodes_install_this_checkout(cluster):
     """The mounted folder is this project (relative to where `ray up` runs), and it is installed."""
     (remote, local), = cluster["file_mounts"].items()
-    assert (ROOT / local / "pyproject.toml").is_file() and (ROOT / local / "pipeline" / "submit.py").is_file()
+    assert (ROOT / local / "pyproject.toml").is_file() and (ROOT / local / "pipeline" / "commands" / "submit.py").is_file()
     assert cluster["setup_commands"] == [f"pip install --no-cache-dir -e {remote}"]
     assert "**/.git" in cluster["rsync_exclude"]
 
