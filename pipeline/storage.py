@@ -11,7 +11,7 @@ import os
 import secrets
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -82,20 +82,25 @@ def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
         return json.load(handle)
 
 
-def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> None:
-    """Write ``content`` as indented JSON (parents created), whole or not at all: an object
+def write_whole(uri: str, write: Callable[[IO], None], storage: StorageConfig, mode: str = "wb") -> None:
+    """Write a file with ``write(handle)`` (parents created), whole or not at all: an object
     store shows an upload only once it is complete; on a local disk the file is written under
-    a temporary name (``.<name>.<hex>.tmp``) and renamed, so a process killed while writing
-    leaves the previous version (or none), never a cut file."""
+    a temporary name (``.<name>.<hex>.tmp``, which no reader of the folder lists) and renamed,
+    so a process killed while writing leaves the previous version (or none), never a cut file."""
     fs, path = filesystem(uri, storage)
     folder, name = path.rsplit("/", 1)
     fs.makedirs(folder, exist_ok=True)
     local = isinstance(fs, LocalFileSystem)
     target = f"{folder}/.{name}.{secrets.token_hex(4)}.tmp" if local else path
-    with fs.open(target, "w") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True)
+    with fs.open(target, mode) as handle:
+        write(handle)
     if local:
         os.replace(target, path)
+
+
+def write_json(uri: str, content: dict[str, Any], storage: StorageConfig) -> None:
+    """Write ``content`` as indented JSON, whole or not at all (see :func:`write_whole`)."""
+    write_whole(uri, lambda handle: json.dump(content, handle, indent=2, sort_keys=True), storage, "w")
 
 
 def read_ahead(read: Callable[[T], Any], items: Iterable[T], threads: int) -> Iterator[tuple[T, Future]]:

@@ -3,7 +3,8 @@
 Every request is forwarded unless a switched-on fault takes it: ``503 SlowDown`` with a
 probability, the connection closed half-way through the response with a probability, ``500
 InternalError`` to every PUT and POST for a time window, or a request held until released
-(and then dropped unanswered, as by a process that died while sending it). What was injected
+(and then dropped unanswered, as by a process that died while sending it), or 403 AccessDenied
+to the reads of some objects. What was injected
 is counted, so a test can show that its faults happened.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ from urllib.parse import urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
               "content-length"}
-SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
-INTERNAL = (500, "InternalError", "We encountered an internal error. Please try again.")
+ERRORS = {"slow_down": (503, "SlowDown", "Please reduce your request rate."),
+          "refused": (500, "InternalError", "We encountered an internal error. Please try again."),
+          "denied": (403, "AccessDenied", "Access Denied")}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Faults:
     refuse_writes_for: float = 0.0  # seconds of 500s to start at the first write whose path holds refuse_after
     refuse_after: str = ""
     hold: str = ""  # PUTs whose path holds this are held (see FaultProxy.held) until released, then dropped
+    deny: str = ""  # reads (GET, HEAD) whose path holds this are answered 403 AccessDenied
     seed: int = 0
     rng: random.Random = field(init=False, repr=False)
 
@@ -47,7 +50,7 @@ class FaultProxy:
     def __init__(self, upstream: str, faults: Faults | None = None):
         self.upstream = urlsplit(upstream)
         self.faults = faults or Faults()
-        self.counts: Counter[str] = Counter()  # forwarded, slow_down, cut, refused, held
+        self.counts: Counter[str] = Counter()  # forwarded, or the fault: slow_down, cut, refused, hold, denied
         self.held = threading.Event()  # set when a request is being held
         self.release = threading.Event()  # set to let held requests go (they are dropped)
         self._lock = threading.Lock()
@@ -70,7 +73,7 @@ class FaultProxy:
         self._server.server_close()
 
     def choose(self, method: str, path: str) -> str:
-        """The fault for one request: '' (forward it), 'hold', 'refused', 'slow_down' or 'cut'."""
+        """The fault for one request: '' (forward it), 'hold', 'denied', 'refused', 'slow_down' or 'cut'."""
         with self._lock:
             faults, now = self.faults, time.monotonic()
             writing = method in ("PUT", "POST")
@@ -78,6 +81,8 @@ class FaultProxy:
                 faults.refuse_writes_until, faults.refuse_writes_for = now + faults.refuse_writes_for, 0.0
             if method == "PUT" and faults.hold and faults.hold in path:
                 fault = "hold"
+            elif method in ("GET", "HEAD") and faults.deny and faults.deny in path:
+                fault = "denied"
             elif writing and now < faults.refuse_writes_until:
                 fault = "refused"
             elif faults.rng.random() < faults.slow_down:
@@ -107,8 +112,8 @@ class FaultProxy:
                     proxy.release.wait()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if fault in ("slow_down", "refused"):
-                    self._answer_error(*(SLOW_DOWN if fault == "slow_down" else INTERNAL))
+                if fault in ERRORS:
+                    self._answer_error(*ERRORS[fault])
                     return
                 status, reason, headers, payload = self._forward(body)
                 head = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]

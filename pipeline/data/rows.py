@@ -110,6 +110,10 @@ def scored_table(ids: Sequence[str], uris: Sequence[str], widths: Sequence[int],
     return pa.table(columns, schema=SCHEMA)
 
 
+# The stages an error row can name (the text of `error` before the first ':'); docs/output-schema.md
+ERROR_STAGES = ("read", "empty file", "missing bytes", "decode", "too large", "tar", "parquet", "score")
+
+
 def error_reason(message: str | None) -> str:
     """The reason an error row gives: its stage, the text of ``error`` before the first ':'
     (``read``, ``decode``, ``tar`` ...; see docs/output-schema.md)."""
