@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Collection, Sequence
 
-from pipeline.config import ConfigError, LabelJob, to_dict
+from pipeline.config import ConfigError, LabelJob, OutputError, to_dict
 from pipeline.data.output import IdSet, Output, ShardMarks, shard_key
 from pipeline.data.retry import ErrorRows, find_error_rows, finish_replacement, parse_stages, take_out_listed
 from pipeline.data.rows import error_reason
@@ -212,7 +212,10 @@ def run_label_job(job: LabelJob) -> RunSummary:
                 marks.create()
             start_ray(job)
             dataset = plan.build(listing.work, job, classes, done, run_id, image_size, marks)
-            plan.write(dataset, output, job, run_id)
+            try:
+                plan.write(dataset, output, job, run_id)
+            except OSError as exc:  # also a Ray task's error: Ray's wrapper subclasses the task's own
+                raise OutputError(storage_failure(exc)) from exc
         own_lost: list[str] = []
         rows, errors = output.run_outcome(run_id, own_lost)
         # every row is written now; only shards read to their end are recorded, and none if a
@@ -231,6 +234,14 @@ def run_label_job(job: LabelJob) -> RunSummary:
         record["retry_errors"] = {"stages": list(stages), "rows": retried}
     output.write_run(run_id, record)
     return summary
+
+
+def storage_failure(exc: OSError) -> str:
+    """What to say when storage failed the run, every retry of a request spent."""
+    cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the task's exception
+    return (f"the run stopped: storage failed after every retry of a request ({type(cause).__name__}: {cause}). "
+            "The rows written before are kept and nothing is labelled twice: run the same command again to "
+            "label the rest (--retries sets the attempts per request; docs/reliability.md)")
 
 
 def retry_stages(job: LabelJob) -> tuple[str, ...]:
