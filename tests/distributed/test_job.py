@@ -310,7 +310,8 @@ def test_a_shard_cut_short_is_read_again_and_records_without_data_are_ignored(ra
 
 def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp_path, tiny_checkpoint,
                                                                 monkeypatch):
-    from pipeline import plan, runner
+    from pipeline.data import output as runner
+    from pipeline.distributed import plan
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -354,7 +355,7 @@ def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp
 
 
 def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, monkeypatch):
-    from pipeline import plan
+    from pipeline.distributed import plan
 
     shards = tmp_path / "shards"
     shards.mkdir()
