@@ -92,8 +92,13 @@ def write_whole(uri: str, write: Callable[[IO], None], storage: StorageConfig, m
     fs.makedirs(folder, exist_ok=True)
     local = isinstance(fs, LocalFileSystem)
     target = f"{folder}/.{name}.{secrets.token_hex(4)}.tmp" if local else path
-    with fs.open(target, mode) as handle:
-        write(handle)
+    try:
+        with fs.open(target, mode) as handle:
+            write(handle)
+    except BaseException:
+        if local and os.path.exists(target):
+            os.remove(target)  # a failed write leaves nothing (a killed one leaves a .tmp no reader lists)
+        raise
     if local:
         os.replace(target, path)
 

@@ -190,8 +190,8 @@ def run_label_job(job: LabelJob) -> RunSummary:
         finish_replacement(output)  # of a run killed while it replaced data files (--retry-errors)
     lost: list[str] = []  # partial data files removed while the output's ids are read
     done = IdSet.empty() if job.overwrite else output.labelled_ids(lost)
-    errors = find_error_rows(output, stages) if stages else ErrorRows((), (), ())
-    done = done.without(errors.ids)
+    retryable = find_error_rows(output, stages) if stages else ErrorRows((), (), ())
+    done = done.without(retryable.ids)
     # shard records vouch for rows in the output: not trusted when it has no data (deleted by
     # hand) or just lost a file (whose rows may belong to recorded shards); all are read then
     if len(done) and not lost:
@@ -200,11 +200,11 @@ def run_label_job(job: LabelJob) -> RunSummary:
         read_whole = IdSet.empty()
         if not job.overwrite:
             output.forget_shards()
-    listing = collect_work(job, done, read_whole, reread=frozenset(errors.uris))
+    listing = collect_work(job, done, read_whole, reread=frozenset(retryable.uris))
     output.start(manifest, job.overwrite)
     run_id = new_run_id()
     work = listing.work
-    retried = take_out_listed(output, errors, work.files, work.tars + work.parquets, run_id)
+    retried = take_out_listed(output, retryable, work.files, work.tars + work.parquets, run_id)
     marks = output.marks(run_id) if listing.shards else None
     try:
         if not listing.work.empty:
