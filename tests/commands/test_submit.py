@@ -258,6 +258,15 @@ def test_bad_spec_fails_before_the_cluster_is_contacted(tmp_path, lgca, clean_en
     assert "not found" in capsys.readouterr().err
 
 
+def test_forward_credentials_is_a_flag_of_lgca_submit(tmp_path, lgca, clean_env, capsys, tiny_checkpoint):
+    spec = tiny_spec(tmp_path, tiny_checkpoint, "pets", tmp_path / "img", tmp_path / "out")
+    closed = f"http://127.0.0.1:{free_port()}"  # refused before it is contacted
+    assert lgca(["submit", str(spec), "--address", closed, "--forward-credentials", "--no-forward-aws-env"]) == 2
+    assert "--forward-credentials sends AWS settings, --no-forward-aws-env sends none" in capsys.readouterr().err
+    assert lgca(["submit", str(spec), "--address", closed, "--forward-credentials"]) == 2  # clean_env: no keys
+    assert "this shell has no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to send" in capsys.readouterr().err
+
+
 def test_unreachable_cluster_says_how_to_connect(tmp_path, lgca, clean_env, capsys, tiny_checkpoint):
     spec = tiny_spec(tmp_path, tiny_checkpoint, "pets", tmp_path / "img", tmp_path / "out")
     assert lgca(["submit", str(spec), "--address", f"http://127.0.0.1:{free_port()}"]) == 1
