@@ -8,6 +8,7 @@ import sys
 from pipeline.commands import bench, evaluate, explain, export, query, report, submit
 from pipeline.config import LgcaError
 from pipeline.options import add_label_arguments, job_from_args
+from pipeline.storage import redact
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except LgcaError as exc:  # the one place an error becomes a message and an exit status
-        print(f"lgca {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lgca {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
 
 

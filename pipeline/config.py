@@ -57,14 +57,15 @@ class SubmitError(LgcaError, RuntimeError):
     exit_code = 1
 
 
-def option(help: str, default: Any = MISSING, flag: str = "") -> Any:
+def option(help: str, default: Any = MISSING, flag: str = "", const: Any = None) -> Any:
     """A config field that is also a command-line flag and a YAML job-file key.
 
     ``help`` is its one-line description (shown by ``--help`` with the default); ``flag``
-    is its name there when it is not the field's name with '-' for '_'. :mod:`pipeline.options`
-    builds every flag and key from these fields.
+    is its name there when it is not the field's name with '-' for '_'; ``const``, when
+    given, is the value of the flag given without one. :mod:`pipeline.options` builds every
+    flag and key from these fields.
     """
-    metadata = {"help": help, "flag": flag}
+    metadata = {"help": help, "flag": flag, "const": const}
     return field(metadata=metadata) if default is MISSING else field(default=default, metadata=metadata)
 
 
@@ -198,6 +199,8 @@ class StorageConfig:
 
     endpoint_url: str = option("S3-compatible endpoint URL; '' = AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS", "")
     anon: bool = option("anonymous object-storage access, for public buckets", False)
+    retries: int = option("attempts per object-storage request, botocore's standard retry mode with backoff "
+                          "(AWS_MAX_ATTEMPTS and AWS_RETRY_MODE win when set)", 10)
     profile: str = option("AWS profile; '' = the default chain (AWS_* variables, ~/.aws, instance role)", "")
     region: str = option("AWS region; '' = AWS_REGION, AWS_DEFAULT_REGION or the profile's", "")
 
@@ -206,6 +209,7 @@ class StorageConfig:
             raise ConfigError(f"endpoint_url: {self.endpoint_url!r} must start with http:// or https://")
         if self.anon and self.profile:
             raise ConfigError("profile: anonymous access (anon=True) uses no credentials; drop profile or anon")
+        _require(self.retries >= 1, "retries", f"must be at least 1 (one attempt, no retry), got {self.retries}")
 
     def storage_options(self, protocol: str) -> dict:
         """fsspec ``storage_options`` for ``protocol``: s3fs keyword arguments for s3/s3a, else ``{}``.
@@ -227,6 +231,10 @@ class StorageConfig:
             client_kwargs["region_name"] = self.region
         if client_kwargs:
             options["client_kwargs"] = client_kwargs
+        if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+            # botocore's default (legacy mode, 5 attempts within about 15 s) gives up inside a
+            # short outage of the store; standard mode backs off up to 20 s between attempts
+            options["config_kwargs"] = {"retries": {"mode": "standard", "max_attempts": self.retries}}
         return options
 
 
@@ -308,6 +316,8 @@ class LabelJob:
     resources: ResourceConfig = ResourceConfig()
     storage: StorageConfig = StorageConfig()
     overwrite: bool = option("relabel everything, replacing the existing output", False)
+    retry_errors: str = option("label again the ids whose error row has one of these stages, comma-separated "
+                               "(the flag alone: read); docs/reliability.md", "", const="read")
     address: str = option("Ray address; '' = RAY_ADDRESS, else a new local Ray", "")
     name: str = option("job name, the start of its submission ids", "lgca-label")
 

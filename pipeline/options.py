@@ -30,6 +30,7 @@ class Option:
     help: str = ""
     multiple: bool = False  # may be given several times (a YAML list)
     default: Any = None  # the config's default; None where the option is required
+    const: Any = None  # the value of the flag given without one; None: the flag needs a value
 
     @property
     def described(self) -> str:
@@ -57,7 +58,7 @@ def options_of(cls: type, section: str) -> list[Option]:
         if item.name == "actors_min":
             kind, default = str, "1"
         found.append(Option(item.metadata["flag"] or item.name.replace("_", "-"), section, item.name, kind,
-                            item.metadata["help"], multiple, default))
+                            item.metadata["help"], multiple, default, item.metadata.get("const")))
     return found
 
 
@@ -88,6 +89,8 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         if option.kind is bool:
             parser.add_argument(f"--{option.flag}", action="store_const", const=True, default=None,
                                 help=option.described)
+        elif option.const is not None:
+            parser.add_argument(f"--{option.flag}", nargs="?", const=option.const, help=option.described)
         else:
             parser.add_argument(f"--{option.flag}", action="append" if option.multiple else "store",
                                 help=option.described)

@@ -78,13 +78,20 @@ def stop_cluster(temp_dir: Path) -> None:
         time.sleep(0.5)
 
 
+# A cluster's nodes have their own object-storage credentials (an instance profile, a
+# Kubernetes Secret): the driver sends none (storage.worker_env). These are the loopback S3's.
+NODE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 def start_cluster(temp_dir: Path, *extra: str) -> str:
-    """``ray start --head`` on loopback with 2 CPUs and token authentication; returns the GCS address."""
+    """``ray start --head`` on loopback with 2 CPUs, token authentication and the nodes' own
+    credentials (:data:`NODE_CREDENTIALS`); returns the GCS address."""
     port = free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env={**os.environ, **NODE_CREDENTIALS})
     return f"127.0.0.1:{port}"
 
 

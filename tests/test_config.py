@@ -40,6 +40,7 @@ def test_method_costs():
     (lambda: ResourceConfig(batch_size=0), "batch_size"),
     (lambda: ResourceConfig(rows_per_file=-1), "rows_per_file"),
     (lambda: StorageConfig(endpoint_url="localhost:9000"), "endpoint_url"),
+    (lambda: StorageConfig(retries=0), "retries: must be at least 1"),
     (lambda: LabelJob(inputs=InputConfig(("x",)), output="", text=TextConfig("a")), "output"),
     (lambda: ResourceConfig(gpus_per_actor=math.inf), "gpus_per_actor"),
     (lambda: ResourceConfig(cpus_per_actor=math.nan), "cpus_per_actor"),

@@ -151,3 +151,14 @@ def test_other_commands_take_label_options_with_the_same_names_types_and_help():
     assert given["storage"] == {"anon": True} and given["text"] == {"classes": "a,b"} and given["model"] == {}
     with pytest.raises(SystemExit):  # a required option is still required
         parser.parse_args(["--crops", "12"])
+
+
+def test_retry_errors_alone_means_read_and_takes_stages(tmp_path):
+    base = ("--input", "/data/x", "--output", "/o", "--classes", "cat")
+    assert job_from_args(parse(*base)).retry_errors == ""
+    assert job_from_args(parse(*base, "--retry-errors")).retry_errors == "read"
+    assert job_from_args(parse(*base, "--retry-errors", "read,score")).retry_errors == "read,score"
+    spec = job_file(tmp_path, "retry-errors: read,tar\nretries: 4\n")
+    job = job_from_args(parse("--config", spec))
+    assert (job.retry_errors, job.storage.retries) == ("read,tar", 4)
+    assert build_job(job_to_options(job)) == job

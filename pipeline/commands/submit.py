@@ -10,8 +10,9 @@ submit. What travels with the job, and how:
   was validated here;
 - the code, as the runtime_env ``working_dir`` (the project root by default), unless the
   cluster's image has the package installed (``--no-working-dir``);
-- the ``AWS_*`` variables of the submitting shell (not a profile name nor local paths, see
-  :func:`forwarded_env`), as runtime_env ``env_vars``;
+- the ``AWS_*`` settings of the submitting shell, as runtime_env ``env_vars``: endpoint,
+  region, retries, never a profile name nor local paths, and credentials only with
+  ``--forward-credentials`` (see :func:`forwarded_env`; the nodes' own credentials are the rule);
 - the token of a cluster with token authentication, only in the HTTP ``Authorization``
   header (see :func:`auth_token`); it is never written into the job's runtime_env.
 """
@@ -36,21 +37,16 @@ import yaml
 from pipeline.config import ConfigError, LabelJob, SubmitError
 from pipeline.model.loading import check_names
 from pipeline.options import build_job, read_job_file
+from pipeline.storage import is_credential, worker_env
 
 log = logging.getLogger(__name__)
 
 # Kept out of the working_dir upload (gitignore syntax; Ray also honours .gitignore files).
 DEFAULT_EXCLUDES = (".git", ".venv", "venv", "**/__pycache__", ".pytest_cache", "*.egg-info",
                     "/out/", "/build/", "/dist/")
-# AWS_* settings are sent with a job (credentials, region, endpoint, retries, checksums: they
-# mean the same on the cluster), except those that name something of this machine: a profile
-# the cluster may not have (use the spec's `profile`), local files, or this machine's
-# container-credential endpoint.
-FORWARDED_PREFIX = "AWS_"
-NOT_FORWARDED = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CA_BUNDLE", "AWS_CONTAINER_")
-# runner.start_ray passes the driver's AWS_* variables to ray.init again; inside a Ray job
-# those keys are already in the job's env_vars, and Ray refuses to merge equal keys unless
-# this is set (the values are the same, so overriding changes nothing).
+# The driver's tasks and actors carry the same AWS_* settings in their own runtime_env
+# (plan.remote_env); inside a Ray job those keys are already in the job's env_vars, and Ray
+# refuses to merge equal keys unless this is set (the values are the same).
 MERGE_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray lets these win over address=
 POLL_SECONDS = 1.0
@@ -119,21 +115,36 @@ def project_root() -> Path:
     return root
 
 
-def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The ``AWS_*`` variables to send with the job, without :data:`NOT_FORWARDED` ones and
-    ``*_FILE`` paths (plus the merge switch when there are any)."""
-    env = {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIX)
-           and not k.startswith(NOT_FORWARDED) and not k.endswith("_FILE")}
+def forwarded_env(environ: Mapping[str, str], credentials: bool = False) -> dict[str, str]:
+    """The variables to send with the job: :func:`~pipeline.storage.worker_env`'s (credentials
+    only when asked), plus the merge switch when there are any. Forwarded credentials are
+    announced with where they can be read."""
+    env = worker_env(environ, credentials)
+    if credentials:
+        sent = sorted(name for name in env if is_credential(name))
+        if not sent:
+            raise ConfigError("forward_credentials: this shell has no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                              "to send (profiles and ~/.aws files never travel); export them, or drop "
+                              "--forward-credentials and give the cluster's nodes their own credentials")
+        log.warning("--forward-credentials: %s go into the job's runtime_env, which the Ray dashboard and job "
+                    "API show to anyone who can reach them, and which Ray writes to the logs of every node "
+                    "(runtime_env_agent.log, ray-data/*.log under the session folder); give the nodes their own "
+                    "credentials instead (docs/operations.md, Credentials)", ", ".join(sent))
     return {**env, **MERGE_ENV} if env else {}
 
 
 def build_submission(spec: str, slot: str, working_dir: str | None, forward_aws: bool,
-                     entrypoint_num_cpus: float, environ: Mapping[str, str]) -> Submission:
+                     entrypoint_num_cpus: float, environ: Mapping[str, str],
+                     forward_credentials: bool = False) -> Submission:
     """Validate ``spec`` and describe its job; raises ConfigError before any cluster is contacted.
 
     ``working_dir`` '' uploads the project root, None uploads nothing (the package must
-    then be installed on the cluster).
+    then be installed on the cluster). ``forward_aws`` sends the AWS_* settings,
+    ``forward_credentials`` the credentials too (see :func:`forwarded_env`).
     """
+    if forward_credentials and not forward_aws:
+        raise ConfigError("forward_credentials: --forward-credentials sends AWS settings, --no-forward-aws-env "
+                          "sends none; drop one")
     options, job = load_spec(spec)
     check_names(job.model)
     runtime_env: dict[str, Any] = {}
@@ -143,7 +154,7 @@ def build_submission(spec: str, slot: str, working_dir: str | None, forward_aws:
         if not Path(working_dir).is_dir():
             raise ConfigError(f"working_dir: {working_dir} is not a folder")
         runtime_env.update(working_dir=str(Path(working_dir).resolve()), excludes=list(DEFAULT_EXCLUDES))
-    env = forwarded_env(environ) if forward_aws else {}
+    env = forwarded_env(environ, forward_credentials) if forward_aws else {}
     if env:
         runtime_env["env_vars"] = env
     if entrypoint_num_cpus < 0:
@@ -261,7 +272,8 @@ def run_submit(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO
     """``lgca submit``: validate, submit once per slot, optionally wait; returns the exit status."""
     working_dir = None if args.no_working_dir else (args.working_dir or "")
     submission = build_submission(args.spec, args.slot or default_slot(), working_dir,
-                                  args.forward_aws_env, args.entrypoint_num_cpus, environ)
+                                  args.forward_aws_env, args.entrypoint_num_cpus, environ,
+                                  args.forward_credentials)
     client = connect(args.address, environ)
     result = submit(client, submission)
     if result.created:
@@ -298,7 +310,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     code.add_argument("--no-working-dir", action="store_true",
                       help="upload no code: the cluster's image has lgca-pipeline installed")
     parser.add_argument("--forward-aws-env", action=argparse.BooleanOptionalAction, default=True,
-                        help="send this shell's AWS_* settings with the job, not AWS_PROFILE nor file paths (default: yes)")
+                        help="send this shell's AWS_* settings (endpoint, region, retries) with the job, not "
+                             "credentials, AWS_PROFILE nor file paths (default: yes)")
+    parser.add_argument("--forward-credentials", action="store_true",
+                        help="also send AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN: the "
+                             "dashboard shows them and Ray logs them; prefer the nodes' own credentials")
     parser.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
                         help="CPUs reserved for the driver; 0 (default) runs it on the head node")
     parser.set_defaults(handler=_handle)

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import QueryError, StorageConfig
 from pipeline.data.output import Output
+from pipeline.data.retry import readable_files
 from pipeline.data.rows import SCHEMA
 from pipeline.storage import filesystem
 
@@ -31,7 +32,7 @@ def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
     where = Output(output, storage)
     fs, _ = filesystem(where.data, storage)
     try:
-        paths = where.data_files()
+        paths = readable_files(where)  # without the files a --retry-errors run is replacing
     except OSError as exc:  # s3fs reports missing buckets and refused credentials as OSError
         raise QueryError(f"cannot list {where.data}: {type(exc).__name__}: {exc}") from None
     if not paths:

@@ -7,6 +7,7 @@ Layout of an output folder (local or any fsspec URL)::
     OUTPUT/_lgca/runs/<run id>.json               the record of each run
     OUTPUT/_lgca/shards/<run id>.parquet          the shards (uri, version) a finished run read whole
     OUTPUT/_lgca/reading/<run id>/<digest>[.broken]  a running run's marks: shards read to their end, or not
+    OUTPUT/_lgca/retry/<run id>.json              while a run replaces data files: its journal (data/retry.py)
 
 The ledger is what makes runs incremental and exactly-once: the ids already labelled, the
 manifest a later run must match, the shard records and marks, and the run records.
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, OutputError, StorageConfig
-from pipeline.storage import filesystem, list_folder, read_ahead, read_json, remove_folder, write_json
+from pipeline.storage import (filesystem, full_uri, list_folder, read_ahead, read_json, remove_folder, write_json,
+                              write_whole)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +67,19 @@ class IdSet:
     def __len__(self) -> int:
         return len(self.digests)
 
+    def without(self, ids: Sequence[str]) -> IdSet:
+        """The set less ``ids``."""
+        if not len(ids) or not len(self.digests):
+            return self
+        return IdSet(self.digests[~IdSet.joined([id_digests(ids)]).has(self.digests)])
+
+    def has(self, digests: np.ndarray) -> np.ndarray:
+        """A boolean mask: which of ``digests`` (16-byte, see :func:`id_digests`) are in the set."""
+        if len(self.digests) == 0:
+            return np.zeros(len(digests), dtype=bool)
+        pos = np.minimum(np.searchsorted(self.digests, digests), len(self.digests) - 1)
+        return self.digests[pos] == digests
+
     def contains(self, ids: Sequence[str]) -> np.ndarray:
         """A boolean mask: which of ``ids`` are in the set (digested CONTAINS_CHUNK at a time, so
         a listing of many millions of files is never digested at once)."""
@@ -72,8 +88,7 @@ class IdSet:
             return mask
         for start in range(0, len(ids), CONTAINS_CHUNK):
             query = id_digests(ids[start:start + CONTAINS_CHUNK])
-            pos = np.minimum(np.searchsorted(self.digests, query), len(self.digests) - 1)
-            mask[start:start + len(query)] = self.digests[pos] == query
+            mask[start:start + len(query)] = self.has(query)
         return mask
 
 
@@ -217,6 +232,11 @@ class Output:
     def reading(self, run_id: str) -> str:
         return self.path("_lgca", "reading", run_id)
 
+    @property
+    def journals(self) -> str:
+        """The folder of the journal of a run replacing data files (see :mod:`pipeline.data.retry`)."""
+        return self.path("_lgca", "retry")
+
     # -- data files -------------------------------------------------------------------------
 
     def data_files(self, run_id: str = "") -> list[str]:
@@ -315,6 +335,28 @@ class Output:
         with fs.open(f"{path}/{run_id}.parquet", "wb") as handle:
             pq.write_table(table, handle)
 
+    def forget_shards_of(self, uris: Collection[str]) -> None:
+        """Drop the records of the shards ``uris``, whose rows are about to leave the output to be
+        labelled again: a record that names one is written again without it (or removed). A
+        record cut by a killed run is removed (its shards are read again, as always)."""
+        if not uris:
+            return
+        fs, path = filesystem(self.shards, self.storage)
+        names = [p for p in list_folder(fs, path) if p.endswith(".parquet")]
+
+        def read(fs: Any, name: str) -> tuple[str, pa.Table]:
+            return name, read_columns(fs, name, ["uri", "version"])
+
+        for name, table in _read_each(fs, names, read, "its shards will be read again"):
+            keep = pc.invert(pc.is_in(table.column("uri"), pa.array(list(uris), pa.string())))
+            if pc.all(keep).as_py():
+                continue
+            if not pc.any(keep).as_py():
+                fs.rm(name)
+                continue
+            kept = table.filter(keep)
+            write_whole(full_uri(fs, name), lambda handle: pq.write_table(kept, handle), self.storage)
+
     def marks(self, run_id: str) -> ShardMarks:
         """The marks folder of run ``run_id`` (see :class:`ShardMarks`)."""
         return ShardMarks(self.reading(run_id), self.storage)
@@ -328,5 +370,10 @@ class Output:
         """The run records, oldest first (run ids sort by start time)."""
         fs, path = filesystem(self.runs_folder, self.storage)
         names = sorted(p.rsplit("/", 1)[-1] for p in list_folder(fs, path) if p.endswith(".json"))
-        records = (read_json(f"{self.runs_folder}/{name}", self.storage) for name in names)
+        records = []
+        for name in names:
+            try:
+                records.append(read_json(f"{self.runs_folder}/{name}", self.storage))
+            except json.JSONDecodeError as exc:  # cut by a kill before records were written whole
+                log.warning("skipping the run record %s/%s, which is not whole JSON (%s)", self.runs_folder, name, exc)
         return [record for record in records if record is not None]

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pyarrow as pa
 
+from pipeline.storage import redact
+
 if TYPE_CHECKING:  # read/decode workers import this module: they need no torch
     import torch
 
@@ -45,12 +47,13 @@ SCHEMA = pa.schema([
 
 def error_table(ids: Sequence[str], uris: Sequence[str], errors: Sequence[str],
                 widths: Sequence[int], heights: Sequence[int], run_id: str) -> pa.Table:
-    """Rows with ``status='error'`` for images that could not be scored."""
+    """Rows with ``status='error'`` for images that could not be scored. A library's message
+    that quotes a secret of the environment keeps it out (:func:`~pipeline.storage.redact`)."""
     count = len(ids)
     columns = {name: pa.nulls(count, SCHEMA.field(name).type) for name in SCHEMA.names}
     columns.update(id=pa.array(list(ids), pa.string()), uri=pa.array(list(uris), pa.string()),
                    status=pa.array(["error"] * count, pa.string()),
-                   error=pa.array(list(errors), pa.string()),
+                   error=pa.array([redact(error) for error in errors], pa.string()),
                    width=pa.array(list(widths), pa.int32()), height=pa.array(list(heights), pa.int32()),
                    run_id=pa.array([run_id] * count, pa.string()))
     return pa.table(columns, schema=SCHEMA)
@@ -116,6 +119,10 @@ def scored_table(ids: Sequence[str], uris: Sequence[str], widths: Sequence[int],
         "run_id": pa.array([run_id] * count, pa.string()),
     }
     return pa.table(columns, schema=SCHEMA)
+
+
+# The stages an error row can name (the text of `error` before the first ':'); docs/output-schema.md
+ERROR_STAGES = ("read", "empty file", "missing bytes", "decode", "too large", "tar", "parquet", "score")
 
 
 def error_reason(message: str | None) -> str:

@@ -14,10 +14,11 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
-from pipeline.config import ConfigError, LabelJob, to_dict
+from pipeline.config import ConfigError, LabelJob, OutputError, to_dict
 from pipeline.data.output import IdSet, Output, ShardMarks, shard_key
+from pipeline.data.retry import ErrorRows, find_error_rows, finish_replacement, parse_stages, take_out_listed
 from pipeline.data.rows import error_reason
 from pipeline.data.sources import check_parquet_columns, detect_kind, list_image_files, list_shard_versions
 from pipeline.distributed import plan
@@ -41,6 +42,7 @@ class RunSummary:
     seconds: float
     error_reasons: dict[str, int]
     skipped_shards: int = 0  # tar/Parquet shards an earlier run read whole, unchanged since: not read
+    retried: int = 0  # error rows taken out of the output to be labelled again (--retry-errors)
 
     @property
     def images_per_second(self) -> float:
@@ -49,6 +51,7 @@ class RunSummary:
     def describe(self) -> str:
         reasons = "".join(f"\n  {count:>8}  {reason}" for reason, count in self.error_reasons.items())
         shards = f", {self.skipped_shards} shards read whole before" if self.skipped_shards else ""
+        shards += f", {self.retried} error rows labelled again" if self.retried else ""
         return (f"run {self.run_id}: {self.ok} ok, {self.errors} error rows, {self.skipped} already labelled{shards}; "
                 f"{self.images_per_second:.2f} images/s over {self.seconds:.1f} s\n"
                 f"output: {self.output}" + (f"\nerror reasons:{reasons}" if reasons else ""))
@@ -85,8 +88,9 @@ def _first_per_uri(shards: list[tuple[str, str | None]]) -> list[tuple[str, str 
     return list(first.items())
 
 
-def collect_work(job: LabelJob, done: IdSet, read_whole: IdSet) -> Listing:
-    """List the inputs on the driver, leaving out labelled files and shards read whole before."""
+def collect_work(job: LabelJob, done: IdSet, read_whole: IdSet, reread: Collection[str] = ()) -> Listing:
+    """List the inputs on the driver, leaving out labelled files and shards read whole before
+    (unless in ``reread``: shards with error rows to label again)."""
     files, shards = [], {"tar": [], "parquet": []}
     for uri in job.inputs.uris:
         kind = job.inputs.format if job.inputs.format != "auto" else detect_kind(uri)
@@ -97,8 +101,8 @@ def collect_work(job: LabelJob, done: IdSet, read_whole: IdSet) -> Listing:
     files = list(dict.fromkeys(files))  # a file or shard named by two inputs is read once
     shards = {kind: _first_per_uri(found) for kind, found in shards.items()}
     new = [f for f, seen in zip(files, done.contains(files)) if not seen]
-    unread = {kind: [s for s, seen in zip(found, read_whole.contains([shard_key(*s) for s in found])) if not seen]
-              for kind, found in shards.items()}
+    unread = {kind: [s for s, seen in zip(found, read_whole.contains([shard_key(*s) for s in found]))
+                     if not seen or s[0] in reread] for kind, found in shards.items()}
     if unread["parquet"]:
         check_parquet_columns(unread["parquet"][0][0], job.storage, job.inputs.image_column, job.inputs.id_column)
     work = plan.WorkList(tuple(new), tuple(u for u, _ in unread["tar"]), tuple(u for u, _ in unread["parquet"]))
@@ -181,8 +185,13 @@ def run_label_job(job: LabelJob) -> RunSummary:
     output = Output(job.output, job.storage)
     manifest = fingerprint(job, classes)
     output.check_manifest(manifest, job.overwrite)
+    stages = retry_stages(job)
+    if not job.overwrite:
+        finish_replacement(output)  # of a run killed while it replaced data files (--retry-errors)
     lost: list[str] = []  # partial data files removed while the output's ids are read
     done = IdSet.empty() if job.overwrite else output.labelled_ids(lost)
+    retryable = find_error_rows(output, stages) if stages else ErrorRows((), (), ())
+    done = done.without(retryable.ids)
     # shard records vouch for rows in the output: not trusted when it has no data (deleted by
     # hand) or just lost a file (whose rows may belong to recorded shards); all are read then
     if len(done) and not lost:
@@ -191,9 +200,11 @@ def run_label_job(job: LabelJob) -> RunSummary:
         read_whole = IdSet.empty()
         if not job.overwrite:
             output.forget_shards()
-    listing = collect_work(job, done, read_whole)
+    listing = collect_work(job, done, read_whole, reread=frozenset(retryable.uris))
     output.start(manifest, job.overwrite)
     run_id = new_run_id()
+    work = listing.work
+    retried = take_out_listed(output, retryable, work.files, work.tars + work.parquets, run_id)
     marks = output.marks(run_id) if listing.shards else None
     try:
         if not listing.work.empty:
@@ -201,7 +212,10 @@ def run_label_job(job: LabelJob) -> RunSummary:
                 marks.create()
             start_ray(job)
             dataset = plan.build(listing.work, job, classes, done, run_id, image_size, marks)
-            plan.write(dataset, output, job, run_id)
+            try:
+                plan.write(dataset, output, job, run_id)
+            except OSError as exc:  # also a Ray task's error: Ray's wrapper subclasses the task's own
+                raise OutputError(storage_failure(exc)) from exc
         own_lost: list[str] = []
         rows, errors = output.run_outcome(run_id, own_lost)
         # every row is written now; only shards read to their end are recorded, and none if a
@@ -214,9 +228,29 @@ def run_label_job(job: LabelJob) -> RunSummary:
     reasons = dict(Counter(error_reason(message) for message in errors))
     summary = RunSummary(run_id=run_id, output=job.output, ok=rows - len(errors), errors=len(errors),
                          skipped=listing.skipped_files, seconds=time.monotonic() - clock, error_reasons=reasons,
-                         skipped_shards=listing.skipped_shards)
-    output.write_run(run_id, run_metadata(job, classes, summary, started))
+                         skipped_shards=listing.skipped_shards, retried=retried)
+    record = run_metadata(job, classes, summary, started)
+    if stages:
+        record["retry_errors"] = {"stages": list(stages), "rows": retried}
+    output.write_run(run_id, record)
     return summary
+
+
+def storage_failure(exc: OSError) -> str:
+    """What to say when storage failed the run, every retry of a request spent."""
+    cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the task's exception
+    return (f"the run stopped: storage failed after every retry of a request ({type(cause).__name__}: {cause}). "
+            "The rows written before are kept and nothing is labelled twice: run the same command again to "
+            "label the rest (--retries sets the attempts per request; docs/reliability.md)")
+
+
+def retry_stages(job: LabelJob) -> tuple[str, ...]:
+    """The stages of the error rows to label again (``--retry-errors``); none when not given."""
+    if not job.retry_errors:
+        return ()
+    if job.overwrite:
+        raise ConfigError("retry_errors: --overwrite labels every image again already; drop one of the two")
+    return parse_stages(job.retry_errors)
 
 
 def run_metadata(job: LabelJob, classes: ClassSet, summary: RunSummary, started: datetime) -> dict[str, Any]:

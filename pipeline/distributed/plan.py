@@ -18,17 +18,18 @@ from pipeline.data.decode import DecodeLimits, decode_batch
 from pipeline.data.output import IdSet, Output, ShardMarks
 from pipeline.data.sources import iter_parquet_rows, iter_tar_rows, read_files_batch
 from pipeline.model.classes import ClassSet
-from pipeline.storage import filesystem
+from pipeline.storage import filesystem, worker_env
 
 FILES_PER_READ = 32  # loose files per read task
 DECODE_BATCH = 8  # images per decode call
-FORWARDED_ENV_PREFIXES = ("AWS_",)  # object-storage settings the driver passes to every worker
 
 
-def worker_env() -> dict:
-    """Ray remote args that give tasks and actors the driver's AWS_* settings (endpoint,
-    credentials, profile, region), so object storage is reached the same way everywhere."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+def remote_env() -> dict:
+    """Ray remote args that give tasks and actors the driver's object-storage settings
+    (endpoint, region, retries: :func:`~pipeline.storage.worker_env`), never its credentials,
+    which Ray would write to its logs: workers take those from their node (a local Ray started
+    by the driver has the driver's environment)."""
+    env = worker_env(os.environ)
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
@@ -131,7 +132,7 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: IdSet, run_id:
 
     scoring, res = job.scoring, job.resources
     limits = DecodeLimits.for_model(image_size, scoring, res.max_pixels)
-    remote = worker_env()
+    remote = remote_env()
     stage = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **remote}
     items = work_items(work)
     done_ref = ray.put(done) if len(done) and (work.tars or work.parquets) else None
@@ -155,5 +156,5 @@ def write(dataset: ray.data.Dataset, output: Output, job: LabelJob, run_id: str)
     fs.makedirs(path, exist_ok=True)
     dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
                           filename_provider=RunFiles(run_id), min_rows_per_file=job.resources.file_rows,
-                          ray_remote_args=worker_env())
+                          ray_remote_args=remote_env())
 

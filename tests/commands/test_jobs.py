@@ -175,6 +175,34 @@ def test_raycluster_head_takes_no_work_and_gpu_workers_scale_from_zero(kube):
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
+def test_ray_pods_read_s3_keys_from_a_secret_and_no_key_is_written_anywhere(kube):
+    """Credentials come to the nodes (a Secret, or the ServiceAccount's role when the Secret is
+    absent), never with a job: the CronJob's submit sends no AWS settings at all."""
+    cluster = kube["RayCluster"]["spec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]]
+    for pod in pods:
+        assert pod["serviceAccountName"] == "lgca"
+        (container,) = pod["containers"]
+        assert {item["name"]: item["valueFrom"]["secretKeyRef"] for item in container["env"]} == {
+            "AWS_ACCESS_KEY_ID": {"name": "lgca-s3", "key": "access_key_id", "optional": True},
+            "AWS_SECRET_ACCESS_KEY": {"name": "lgca-s3", "key": "secret_access_key", "optional": True}}
+    submit = kube["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--no-forward-aws-env" in submit["command"] and "--forward-credentials" not in submit["command"]
+    for path in [*(JOBS / "kuberay").glob("*.yaml"), JOBS.parent / "cluster.yaml", *JOBS.glob("*.yaml")]:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert all("value" not in entry for entry in _aws_entries(doc)), path  # no AWS_* given a literal
+
+
+def _aws_entries(node) -> list:
+    """Every mapping with a name starting AWS_ in a parsed YAML document."""
+    if isinstance(node, dict):
+        own = [node] if str(node.get("name", "")).startswith("AWS_") else []
+        return own + [entry for value in node.values() for entry in _aws_entries(value)]
+    if isinstance(node, list):
+        return [entry for value in node for entry in _aws_entries(value)]
+    return []
+
+
 def test_dockerfile_builds_on_the_pinned_ray_image():
     lines = (JOBS / "kuberay" / "Dockerfile").read_text().splitlines()
     (base,) = [line for line in lines if line.startswith("FROM ")]

@@ -139,22 +139,29 @@ def test_default_slot_is_the_utc_date():
     assert submit.default_slot(datetime(2025, 1, 31, 0, 0, tzinfo=timezone.utc)) == "20250131"
 
 
-def test_submission_carries_the_validated_spec_and_aws_env(tmp_path, tiny_checkpoint):
+SUBMITTING_SHELL = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret-key-value",
+                    "AWS_SESSION_TOKEN": "session-token-value", "RAY_AUTH_TOKEN": "tok", "HOME": "/home/x",
+                    "AWS_MAX_ATTEMPTS": "10", "AWS_RETRY_MODE": "standard", "AWS_REGION": "eu-west-1",
+                    "AWS_PROFILE": "dev", "AWS_CA_BUNDLE": "/etc/ssl/l.pem",
+                    "AWS_SHARED_CREDENTIALS_FILE": "/home/x/.aws/credentials"}  # the last three are never sent
+SENT_SETTINGS = {"AWS_MAX_ATTEMPTS": "10", "AWS_RETRY_MODE": "standard", "AWS_REGION": "eu-west-1",
+                 "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+
+
+def test_submission_carries_the_validated_spec_and_aws_settings_not_credentials(tmp_path, tiny_checkpoint, caplog):
     spec = tiny_spec(tmp_path, tiny_checkpoint, "pets", tmp_path / "img", tmp_path / "out")
     with spec.open("a") as handle:
         handle.write("address: ray://elsewhere:10001\n")
-    environ = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "RAY_AUTH_TOKEN": "tok",
-               "HOME": "/home/x", "AWS_MAX_ATTEMPTS": "10", "AWS_PROFILE": "dev", "AWS_CA_BUNDLE": "/etc/ssl/l.pem",
-               "AWS_SHARED_CREDENTIALS_FILE": "/home/x/.aws/credentials"}  # the last three are not sent
-    job = submit.build_submission(str(spec), "20250131", str(tmp_path), True, 0.0, environ)
+    job = submit.build_submission(str(spec), "20250131", str(tmp_path), True, 0.0, SUBMITTING_SHELL)
 
     assert job.submission_id == "pets-20250131"
     assert job.entrypoint_num_cpus == 0.0
     assert job.runtime_env["working_dir"] == str(tmp_path.resolve())
     assert ".git" in job.runtime_env["excludes"]
-    assert job.runtime_env["env_vars"] == {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
-                                           "AWS_MAX_ATTEMPTS": "10", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
-    assert "tok" not in json.dumps(job.runtime_env) and "tok" not in job.entrypoint
+    assert job.runtime_env["env_vars"] == SENT_SETTINGS
+    for secret in ("tok", "secret-key-value", "session-token-value"):
+        assert secret not in json.dumps(job.runtime_env) and secret not in job.entrypoint
+    assert "--forward-credentials" not in caplog.text
     argv = shlex.split(job.entrypoint)
     assert argv[:5] == ["python", "-m", "pipeline.cli", "label", "--config"]
     shipped = read_job_file(argv[5])
@@ -163,6 +170,22 @@ def test_submission_carries_the_validated_spec_and_aws_env(tmp_path, tiny_checkp
     assert shipped == expected
     assert build_job(shipped) == build_job(expected)
     assert yaml.safe_load(base64.b64decode(argv[5].split(",", 1)[1]))["crops"] == 8
+
+
+def test_credentials_travel_only_with_forward_credentials_which_says_where_they_show(tmp_path, tiny_checkpoint,
+                                                                                    caplog):
+    spec = tiny_spec(tmp_path, tiny_checkpoint, "pets", tmp_path / "img", tmp_path / "out")
+    job = submit.build_submission(str(spec), "1", None, True, 0.0, SUBMITTING_SHELL, forward_credentials=True)
+    assert job.runtime_env["env_vars"] == {**SENT_SETTINGS, "AWS_ACCESS_KEY_ID": "key",
+                                           "AWS_SECRET_ACCESS_KEY": "secret-key-value",
+                                           "AWS_SESSION_TOKEN": "session-token-value"}
+    assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN go into the job's runtime_env" in caplog.text
+    assert "dashboard" in caplog.text and "runtime_env_agent.log" in caplog.text
+    assert "secret-key-value" not in caplog.text
+    with pytest.raises(ConfigError, match="no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to send"):
+        submit.build_submission(str(spec), "1", None, True, 0.0, {"AWS_REGION": "eu-west-1"}, forward_credentials=True)
+    with pytest.raises(ConfigError, match="drop one"):
+        submit.build_submission(str(spec), "1", None, False, 0.0, SUBMITTING_SHELL, forward_credentials=True)
 
 
 def test_no_working_dir_and_no_aws_forwarding(tmp_path, tiny_checkpoint):
@@ -233,6 +256,15 @@ def test_bad_spec_fails_before_the_cluster_is_contacted(tmp_path, lgca, clean_en
     assert "input: missing" in capsys.readouterr().err
     assert lgca(["submit", str(tmp_path / "absent.yaml"), "--address", closed]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_forward_credentials_is_a_flag_of_lgca_submit(tmp_path, lgca, clean_env, capsys, tiny_checkpoint):
+    spec = tiny_spec(tmp_path, tiny_checkpoint, "pets", tmp_path / "img", tmp_path / "out")
+    closed = f"http://127.0.0.1:{free_port()}"  # refused before it is contacted
+    assert lgca(["submit", str(spec), "--address", closed, "--forward-credentials", "--no-forward-aws-env"]) == 2
+    assert "--forward-credentials sends AWS settings, --no-forward-aws-env sends none" in capsys.readouterr().err
+    assert lgca(["submit", str(spec), "--address", closed, "--forward-credentials"]) == 2  # clean_env: no keys
+    assert "this shell has no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to send" in capsys.readouterr().err
 
 
 def test_unreachable_cluster_says_how_to_connect(tmp_path, lgca, clean_env, capsys, tiny_checkpoint):

@@ -260,3 +260,15 @@ def test_a_whole_mark_that_cannot_be_written_is_logged_a_broken_one_raises(tmp_p
     assert "could not mark s3://in/a.tar read whole" in caplog.text
     with pytest.raises(PermissionError):  # else another attempt's whole mark would vouch for the shard
         marks.mark("s3://in/a.tar", whole=False)
+
+
+def test_run_records_read_back_oldest_first_and_a_cut_one_is_skipped(tmp_path, caplog):
+    output = Output(str(tmp_path / "out"))
+    output.write_run("20250102T000000Z-bbbbbb", {"run_id": "20250102T000000Z-bbbbbb", "counts": {"ok": 2}})
+    output.write_run("20250101T000000Z-aaaaaa", {"run_id": "20250101T000000Z-aaaaaa", "counts": {"ok": 1}})
+    # what a driver killed mid-write left behind before records were written whole
+    (tmp_path / "out" / "_lgca" / "runs" / "20250103T000000Z-cccccc.json").write_text('{"run_id": "2025')
+    assert [run["run_id"] for run in output.runs()] == ["20250101T000000Z-aaaaaa", "20250102T000000Z-bbbbbb"]
+    assert "skipping the run record" in caplog.text and "20250103T000000Z-cccccc.json" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out" / "_lgca" / "runs").iterdir()) == [
+        "20250101T000000Z-aaaaaa.json", "20250102T000000Z-bbbbbb.json", "20250103T000000Z-cccccc.json"]

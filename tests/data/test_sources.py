@@ -146,12 +146,18 @@ def test_read_batch_of_nothing():
 
 
 def test_storage_options(monkeypatch):
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    retries = {"retries": {"mode": "standard", "max_attempts": 10}}
+    assert StorageConfig().storage_options("s3") == {"anon": False, "config_kwargs": retries}
+    assert StorageConfig(anon=True, region="eu-west-1", retries=3).storage_options("s3") == {
+        "anon": True, "client_kwargs": {"region_name": "eu-west-1"},
+        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 3}}}
+    assert StorageConfig(profile="lab").storage_options("s3a") == {"anon": False, "profile": "lab",
+                                                                    "config_kwargs": retries}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")  # the environment's retry settings win: botocore reads them
     assert StorageConfig().storage_options("s3") == {"anon": False}
-    assert StorageConfig(anon=True, region="eu-west-1").storage_options("s3") == {
-        "anon": True, "client_kwargs": {"region_name": "eu-west-1"}}
-    assert StorageConfig(profile="lab").storage_options("s3a") == {"anon": False, "profile": "lab"}
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
     assert StorageConfig(endpoint_url="http://a:1").storage_options("file") == {}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:9000")
     assert StorageConfig().storage_options("s3")["client_kwargs"] == {"endpoint_url": "http://from-env:9000"}

@@ -59,3 +59,12 @@ def test_head_serves_the_job_api_on_the_default_port(cluster):
     assert "--head" in start and "--dashboard-host=0.0.0.0" in start
     assert "--dashboard-port" not in start  # the default 8265 that docs and lgca submit use
     assert all("--num-cpus" not in c for c in cluster["head_start_ray_commands"])  # resources: {CPU: 0} decides
+
+
+def test_nodes_have_their_own_s3_credentials_and_none_is_written_here(cluster):
+    """The workers' instance profile gives them S3 access; no AWS key is in the file (the head's
+    role is Ray's default profile, to which docs/operations.md has the S3 policy attached)."""
+    worker = cluster["available_node_types"]["gpu_worker"]["node_config"]
+    assert worker["IamInstanceProfile"] == {"Name": "lgca-s3"}
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "AWS_ACCESS_KEY_ID" not in text and "AWS_SECRET_ACCESS_KEY" not in text

@@ -7,8 +7,8 @@ from skimage import data as photos
 
 from pipeline.config import InputConfig, LabelJob, TextConfig
 from pipeline.data.output import IdSet, Output, id_digests
-from pipeline.distributed.plan import (FILES_PER_READ, RunFiles, WorkList, drop_done, read_items, work_items,
-                                       worker_env)
+from pipeline.distributed.plan import (FILES_PER_READ, RunFiles, WorkList, drop_done, read_items, remote_env,
+                                       work_items)
 from tests.support import encode, make_tar
 
 
@@ -33,16 +33,20 @@ def test_file_names_carry_the_run_id_and_write_uuid():
     assert name == "20261125T000000Z-abcdef_uuid42_000007.parquet"
 
 
-def test_worker_env_forwards_aws_settings_only(monkeypatch):
+def test_tasks_and_actors_get_the_aws_settings_never_the_credentials(monkeypatch):
     for key in list(__import__("os").environ):
         if key.startswith("AWS_"):
             monkeypatch.delenv(key)
-    assert worker_env() == {}
+    assert remote_env() == {}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-    monkeypatch.setenv("AWS_PROFILE", "lab")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")
+    monkeypatch.setenv("AWS_PROFILE", "lab")  # a profile of this machine
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FQoGZXIvYXdzE")
     monkeypatch.setenv("HOME_SECRET", "not forwarded")
-    assert worker_env() == {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
-                                                         "AWS_PROFILE": "lab"}}}
+    assert remote_env() == {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+                                                         "AWS_MAX_ATTEMPTS": "10"}}}
 
 
 def test_shards_are_marked_whole_or_broken_and_one_break_outweighs_a_whole_reading(tmp_path):
