@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbosity: int = 0) -> None:
     """This package's messages at INFO (WARNING with ``--quiet``, DEBUG with ``--verbose``); other
     libraries' at WARNING, so that open_clip's INFO lines on the root logger stay out."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logging.basicConfig(format=LOG_FORMAT)
+    logging.getLogger().setLevel(logging.WARNING)  # also where a handler was there before (basicConfig skips)
     logging.getLogger("pipeline").setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lgca {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (a label run says how far it got), no traceback
-        print(f"lgca {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"lgca {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return INTERRUPTED
 
 

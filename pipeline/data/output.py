@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -288,10 +289,19 @@ class Output:
     def read_manifest(self) -> dict[str, Any] | None:
         return read_json(self.manifest, self.storage)
 
-    def exists(self) -> bool:
-        """Whether anything is at the output's location (a folder, or a prefix holding objects)."""
+    def first_missing(self) -> str | None:
+        """The folder that writing the output would create first: the output itself, or on a local
+        disk its outermost missing parent; None when the output exists. What a run removes when
+        it stops before writing any row."""
         fs, path = filesystem(self.root, self.storage)
-        return fs.exists(path)
+        if fs.exists(path):
+            return None
+        if not isinstance(fs, LocalFileSystem):
+            return self.root
+        missing = Path(path)
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        return str(missing)
 
     def check_folder(self) -> None:
         """Refuse a local output that is a file (every output is a folder of data and records)."""

@@ -270,17 +270,18 @@ def summarize_run(run: Run, listing: Listing, rows: int, errors: list[str]) -> R
                       skipped_shards=listing.skipped_shards)
 
 
-def stopped_early(run: Run, listing: Listing, created: bool, exc: BaseException) -> BaseException:
+def stopped_early(run: Run, listing: Listing, created: str | None, exc: BaseException) -> BaseException:
     """After Ctrl-C or an error: record the run with what it wrote (``interrupted`` or ``failed``),
-    or, when it wrote nothing into an output folder it created, remove that folder. Returns what
-    to raise: :class:`Interrupted` for Ctrl-C, else ``exc``."""
+    or, when it wrote nothing into an output it created (``created``: the outermost folder it
+    made, see :meth:`Output.first_missing`), remove that. Returns what to raise:
+    :class:`Interrupted` for Ctrl-C, else ``exc``."""
     interrupted = isinstance(exc, KeyboardInterrupt)
     if interrupted:
         stop_ray()  # no write task may add a file after the rows are counted
     try:
         rows, errors = run.output.run_outcome(run.run_id, [])
-        if created and not run.output.data_files():
-            remove_folder(run.output.root, run.job.storage)
+        if created is not None and not run.output.data_files():
+            remove_folder(created, run.job.storage)
         else:
             status = "interrupted" if interrupted else "failed"
             record = run_metadata(run.job, run.classes, summarize_run(run, listing, rows, errors), run.started,
@@ -312,7 +313,7 @@ def run_label_job(job: LabelJob, display: Display = Display()) -> RunSummary:
     output.check_manifest(manifest, job.overwrite)
     done, read_whole = known_rows(job, output)
     listing = collect_work(job, done, read_whole)
-    created = not output.exists()
+    created = output.first_missing()
     output.start(manifest, job.overwrite)
     run = Run(job, new_run_id(), output, classes, started, clock)
     try:

@@ -175,7 +175,8 @@ def test_an_output_that_is_a_file_is_refused(tmp_path):
         Output(str(tmp_path / "labels.txt")).check_folder()
     Output(str(tmp_path / "new")).check_folder()  # absent: created later
     Output(str(tmp_path)).check_folder()
-    assert Output(str(tmp_path)).exists() and not Output(str(tmp_path / "new")).exists()
+    assert Output(str(tmp_path)).first_missing() is None
+    assert Output(str(tmp_path / "a" / "b" / "out")).first_missing() == str(tmp_path / "a")
 
 
 def test_shards_read_whole_are_recorded_per_run_and_forgotten_on_overwrite(tmp_path):

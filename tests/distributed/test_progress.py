@@ -6,7 +6,6 @@ import logging
 import warnings
 
 import numpy as np
-import pytest
 from skimage import data as photos
 
 from pipeline.config import InputConfig, LabelJob, ModelConfig, ScoringParams, StorageConfig, TextConfig
