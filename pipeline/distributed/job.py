@@ -231,11 +231,13 @@ def label_on_ray(run: Run, work: plan.WorkList, done: IdSet, image_size: int, ma
             progress, len(work.files), len(work.tars) + len(work.parquets), terminal)
         if reporter is not None:
             reporter.start()
+        finished = False
         try:
             plan.write(dataset, run.output, run.job, run.run_id)
+            finished = True
         finally:
             if reporter is not None:
-                reporter.stop()
+                reporter.stop(finished)
 
 
 def execute(run: Run, listing: Listing, done: IdSet, image_size: int, display: Display) -> tuple[int, list[str]]:

@@ -159,13 +159,15 @@ class Reporter:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        """Stop reporting; on a terminal, draw the bar once more and end its line."""
+    def stop(self, finished: bool = False) -> None:
+        """Stop reporting; on a terminal, draw the bar once more and end its line. ``finished``: the
+        write returned, so every image is labelled (a count still on its way to the counter is
+        not waited for) and the last bar shows no rate or ETA (the closing summary has them)."""
         self.stopping.set()
         if self.thread.is_alive():
             self.thread.join(timeout=ASK_TIMEOUT + 1)
         if self.terminal:
-            self.report()
+            self.report(finished)
             self.stream.write("\n")
             self.stream.flush()
 
@@ -173,7 +175,7 @@ class Reporter:
         while not self.stopping.wait(self.interval):
             self.report()
 
-    def report(self) -> None:
+    def report(self, finished: bool = False) -> None:
         """Ask for the counts and show them (a counter that does not answer skips this report)."""
         try:
             labelled, found, shards_read = self.ask()
@@ -182,6 +184,9 @@ class Reporter:
             return
         tally = Tally(labelled, self.files, found, shards_read, self.shards)
         rate, elapsed = self.rate.update(labelled), self.clock() - self.started
+        if finished:
+            tally = Tally(max(labelled, tally.total), self.files, found, self.shards, self.shards)
+            rate = None
         if self.terminal:
             self.stream.write(f"\r\x1b[K{bar_text(tally, rate, elapsed)}")  # \x1b[K: clear the rest of the line
             self.stream.flush()

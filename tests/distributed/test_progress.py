@@ -82,6 +82,10 @@ def test_on_a_terminal_the_bar_is_redrawn_in_place_and_ended_once():
     reporter.stop()  # never started: draws the last state and ends the line
     drawn = terminal.getvalue()
     assert drawn.count("\r\x1b[K[") == 2 and drawn.endswith("5/10 images (50%), 0:00:00 elapsed\n")
+    finished = Terminal()
+    clock.now += 5
+    Reporter(lambda: (9, 0, 0), files=10, shards=0, stream=finished, clock=clock).stop(finished=True)
+    assert finished.getvalue() == f"\r\x1b[K[{'#' * 24}] 10/10 images (100%), 0:00:00 elapsed\n"
 
 
 def test_a_counter_that_does_not_answer_skips_the_report():

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +303,19 @@ def test_file_uri_checkpoint_replaced_with_same_size_is_fetched_again(tmp_path, 
     loaded = load_model(config)
     assert_same_weights(loaded.model, retrained)
     assert loaded.checkpoint.read_bytes() == path.read_bytes()
+
+
+def test_a_safetensors_checkpoint_is_checked_on_the_driver_and_loaded(tmp_path, checkpoint):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(checkpoint.state_dict, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one warning per tensor from the meta-device check
+        assert check_weights(tiny_config(tmp_path, pretrained=str(path))) == TINY
+    assert_same_weights(load_model(tiny_config(tmp_path, pretrained=str(path))).model, checkpoint.state_dict)
+    with pytest.raises(ConfigError, match="does not fit model 'ViT-B-32'"):
+        check_weights(ModelConfig(name="ViT-B-32", pretrained=str(path), device="cpu"))
 
 
 def test_missing_local_checkpoint_names_the_path(tmp_path):
