@@ -71,3 +71,9 @@ def newcomer_env(home) -> dict[str, str]:
     env.update(HOME=str(home), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     return env
+
+
+# Lines that a normal `lgca label` run printed before (issue "The first hour"): none may come back.
+NOISE = ("Token authentication is enabled", "RayDeprecationWarning", "max_restarts", "No pretrained weights loaded",
+         "does not have any available CPUs", "Traceback", "Progress bars disabled", "logging_progress",
+         "Execution plan of Dataset", "Started a local Ray instance", "INFO root:")

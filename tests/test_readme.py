@@ -27,16 +27,12 @@ from safetensors.torch import save_file
 from pipeline.cli import build_parser
 from pipeline.model.loading import register_builtin_configs
 from pipeline.options import job_from_args
-from tests.support import newcomer_env
+from tests.support import NOISE, newcomer_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!-- docs-test: (run|parse|skip)\b[^>]*-->")
 SUBSTITUTED = {"--model ViT-B-32-quickgelu": "--model lgca-tiny"}  # with a lgca-tiny file of the README's name
 CHECKPOINT_NAME = "ViT-B-32-openai.safetensors"
-# Lines that a normal run printed before (issue "The first hour"): none may come back.
-NOISE = ("Token authentication is enabled", "RayDeprecationWarning", "max_restarts", "No pretrained weights loaded",
-         "does not have any available CPUs", "Traceback", "Progress bars disabled", "logging_progress",
-         "Execution plan of Dataset", "Started a local Ray instance", "INFO root:")
 RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 

@@ -40,7 +40,8 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run after its record was written; the message is what ``lgca label`` prints."""
 
     def __init__(self, images: int):
-        super().__init__(f"interrupted after {images} images; rerun the same command to resume")
+        super().__init__(f"interrupted after {images} image{'' if images == 1 else 's'}; rerun the same command "
+                         "to resume")
         self.images = images
 
 
@@ -148,10 +149,6 @@ def prepare(job: LabelJob) -> tuple[ClassSet, int]:
     fetched now, see :func:`~pipeline.model.loading.check_weights`)."""
     classes = load_class_set(job.text, job.storage)
     check_weights(job.model, job.storage)
-    if job.model.pretrained.lower() == "none":  # said here once, not by every model actor
-        log.warning("pretrained none: %s has random weights (drawn from seed %d, the same in every run), so "
-                    "its labels and scores mean nothing; give a checkpoint file, a URI or a tag for real labels",
-                    job.model.name, RANDOM_WEIGHTS_SEED)
     return classes, model_input_size(job.model.name)
 
 
@@ -223,6 +220,11 @@ def known_rows(job: LabelJob, output: Output) -> tuple[IdSet, IdSet]:
 def label_on_ray(run: Run, work: plan.WorkList, done: IdSet, image_size: int, marks: ShardMarks | None,
                  display: Display) -> None:
     """Label ``work`` on Ray into the output, showing progress unless ``display`` is quiet."""
+    model = run.job.model
+    if model.pretrained.lower() == "none":  # said here once, not by every model actor
+        log.warning("pretrained none: %s has random weights (drawn from seed %d, the same in every run), so "
+                    "its labels and scores mean nothing; give a checkpoint file, a URI or a tag for real labels",
+                    model.name, RANDOM_WEIGHTS_SEED)
     start_ray(run.job, display)
     progress = None if display.quiet else start_counter()
     dataset = plan.build(work, run.job, run.classes, done, run.run_id, image_size, marks, progress)
