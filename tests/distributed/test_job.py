@@ -310,7 +310,8 @@ def test_a_shard_cut_short_is_read_again_and_records_without_data_are_ignored(ra
 
 def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp_path, tiny_checkpoint,
                                                                 monkeypatch):
-    from pipeline import plan, runner
+    import pipeline.data.output as runner
+    from pipeline.distributed import plan
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -354,7 +355,7 @@ def test_shard_records_are_not_trusted_when_a_data_file_is_lost(ray_cluster, tmp
 
 
 def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, monkeypatch):
-    from pipeline import plan
+    from pipeline.distributed import plan
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -370,6 +371,9 @@ def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, m
     with pytest.raises(RuntimeError, match="stopped after writing"):
         run_label_job(job)
     assert read_output(job.output).num_rows == 2 and not (tmp_path / "out" / "_lgca" / "shards").exists()
+    (failed,) = Output(job.output).runs()  # recorded all the same, with what it wrote
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: stopped after writing"
+    assert failed["counts"]["ok"] == 2
     assert list((tmp_path / "out" / "_lgca" / "reading").iterdir()) == []  # its marks removed all the same
     monkeypatch.setattr(plan, "write", write)
     again = run_label_job(job)  # the shard is read again; its rows are in the output already
