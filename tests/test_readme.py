@@ -177,6 +177,8 @@ def test_the_look_at_the_results_commands(quick_start):
     assert quick_start.result("lgca query labels \"SELECT id, label, round").stdout.count(".jpg") == 4
     assert quick_start.result("lgca query labels \"SELECT id, label FROM").stdout == "wrote 4 rows to labels.csv\n"
     assert len((work / "labels.csv").read_text().splitlines()) == 5  # a header and 4 rows
+    for command in ("lgca summary", "lgca query", "lgca explain"):  # no open_clip INFO lines, no warnings
+        assert all(r.stderr == "" for c, r in quick_start.results.items() if c.startswith(command)), command
     explain = quick_start.result("lgca explain")
     assert explain.stdout.startswith("chelsea-steps.png: lgca label ") and "note: --pretrained none" in explain.stdout
     assert (work / "chelsea-steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
