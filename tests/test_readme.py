@@ -81,7 +81,8 @@ def test_every_sh_block_is_marked_and_the_first_is_cis_set_up():
     assert all(b.marker for b in blocks), [b.line for b in blocks if not b.marker]
     assert blocks[0].commands == ['pip install -e ".[test]"', "python -m pytest -q"]  # .ci/run runs these
     cpu = [b for b in blocks if "download.pytorch.org" in b.text]
-    assert cpu and cpu[0].commands[0] == "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu and cpu[0].commands[0] == ("pip install torch torchvision "
+                                          "--index-url https://download.pytorch.org/whl/cpu")
     assert cpu[0].commands[1] == blocks[0].commands[0]  # then the project, as in the set-up
 
 

@@ -317,9 +317,9 @@ class Output:
         existing = self.read_manifest()
         labelled = existing is not None and bool(self.data_files())
         if labelled and existing != fingerprint and not overwrite:
-            raise ConfigError(
-                f"output: {self.root} was labelled with other settings ({'; '.join(settings_diff(existing, fingerprint))}). "
-                "Use a new --output, or pass --overwrite to relabel everything")
+            changed = "; ".join(settings_diff(existing, fingerprint))
+            raise ConfigError(f"output: {self.root} was labelled with other settings ({changed}). Use a new --output, "
+                              "or pass --overwrite to relabel everything")
 
     def start(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Write the manifest, before any cluster resource is used; with ``overwrite``, first

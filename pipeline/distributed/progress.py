@@ -4,8 +4,8 @@ Ray Data's ``write`` tells the driver nothing until it ends, so the counts come 
 Ray actor, :class:`Counter` (it reserves no CPU): the model actors add the rows each call
 labelled, the read tasks the rows each tar or Parquet shard held (loose files are counted on
 the driver before the run). Each report is one actor call that nothing waits for. The driver
-asks the counter for its numbers: on a terminal every second, drawn as a bar on stderr;
-otherwise every LOG_SECONDS, as one log line.
+asks the counter for its numbers every second: on a terminal it draws them as a bar on
+stderr, otherwise it logs them as one line every LOG_SECONDS.
 """
 from __future__ import annotations
 
@@ -137,8 +137,9 @@ def bar_text(tally: Tally, rate: float | None, elapsed: float, width: int = BAR_
 
 
 class Reporter:
-    """Shows a run's progress from another thread until :meth:`stop`: a bar redrawn in place on a
-    terminal ``stream``, otherwise a log line every LOG_SECONDS."""
+    """Shows a run's progress from another thread until :meth:`stop`: it asks for the counts every
+    BAR_SECONDS (so the rate starts with the first images) and redraws a bar in place on a
+    terminal ``stream``, or else logs a line every LOG_SECONDS."""
 
     def __init__(self, ask: Callable[[], tuple[int, int, int]], files: int, shards: int,
                  stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -147,14 +148,10 @@ class Reporter:
         self.terminal = self.stream.isatty()
         self.clock = clock
         self.started = clock()
+        self.next_log = self.started + LOG_SECONDS
         self.rate = Rate(clock)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="lgca-progress", daemon=True)
-
-    @property
-    def interval(self) -> float:
-        """Seconds between reports: BAR_SECONDS on a terminal, else LOG_SECONDS."""
-        return BAR_SECONDS if self.terminal else LOG_SECONDS
 
     def start(self) -> None:
         self.thread.start()
@@ -167,30 +164,33 @@ class Reporter:
         if self.thread.is_alive():
             self.thread.join(timeout=ASK_TIMEOUT + 1)
         if self.terminal:
-            self.report(finished)
+            self.tick(finished)
             self.stream.write("\n")
             self.stream.flush()
 
     def _loop(self) -> None:
-        while not self.stopping.wait(self.interval):
-            self.report()
+        while not self.stopping.wait(BAR_SECONDS):
+            self.tick()
 
-    def report(self, finished: bool = False) -> None:
-        """Ask for the counts and show them (a counter that does not answer skips this report)."""
+    def tick(self, finished: bool = False) -> None:
+        """Ask for the counts; redraw the bar, or log a line when LOG_SECONDS have passed since the
+        last (a counter that does not answer skips this tick)."""
         try:
             labelled, found, shards_read = self.ask()
         except (ray.exceptions.RayError, TimeoutError) as exc:
             log.debug("no progress report: %s", exc)
             return
+        now = self.clock()
         tally = Tally(labelled, self.files, found, shards_read, self.shards)
-        rate, elapsed = self.rate.update(labelled), self.clock() - self.started
+        rate, elapsed = self.rate.update(labelled), now - self.started
         if finished:
             tally = Tally(max(labelled, tally.total), self.files, found, self.shards, self.shards)
             rate = None
         if self.terminal:
             self.stream.write(f"\r\x1b[K{bar_text(tally, rate, elapsed)}")  # \x1b[K: clear the rest of the line
             self.stream.flush()
-        else:
+        elif now >= self.next_log:
+            self.next_log = now + LOG_SECONDS
             log.info("%s", progress_text(tally, rate, elapsed))
 
 

@@ -56,29 +56,29 @@ def test_the_line_says_done_of_total_rate_elapsed_and_eta():
     assert bar_text(Tally(10, 40, 0, 0, 0), None, 30, width=8) == "[##------] 10/40 images (25%), 0:00:30 elapsed"
 
 
-def test_the_rate_counts_from_the_first_images_not_from_start_up(caplog):
+def test_without_a_terminal_a_line_is_logged_every_30_seconds_with_the_rate_from_the_first_images(caplog):
     clock, counts = FakeClock(), [(0, 0, 0)]
     out = io.StringIO()  # not a terminal: log lines
     reporter = Reporter(lambda: counts[-1], files=40, shards=0, stream=out, clock=clock)
-    assert reporter.interval == LOG_SECONDS and not reporter.terminal
-    clock.now += 50  # Ray and the model actors starting
-    counts.append((8, 0, 0))
+    assert not reporter.terminal
     with caplog.at_level(logging.INFO, logger="pipeline.distributed.progress"):
-        reporter.report()
-    assert caplog.messages == ["8/40 images (20%), 0:00:50 elapsed"]  # no rate from one report
-    clock.now += 4
-    counts.append((16, 0, 0))
-    with caplog.at_level(logging.INFO, logger="pipeline.distributed.progress"):
-        reporter.report()
-    assert caplog.messages[-1:] == ["16/40 images (40%), 2.00 images/s, 0:00:54 elapsed, ETA 0:00:12"]
+        for second in range(1, 61):  # the thread ticks every BAR_SECONDS
+            clock.now += BAR_SECONDS
+            if second == 20:  # Ray and the model actors took 20 s to start
+                counts.append((8, 0, 0))
+            if second == 24:
+                counts.append((16, 0, 0))
+            reporter.tick()
+    assert LOG_SECONDS == 30 and caplog.messages == [
+        "16/40 images (40%), 0.80 images/s, 0:00:30 elapsed, ETA 0:00:30",  # 8 images in the 10 s since the first
+        "16/40 images (40%), 0.20 images/s, 0:01:00 elapsed, ETA 0:02:00"]
     assert out.getvalue() == ""  # the log, not the stream
 
 
 def test_on_a_terminal_the_bar_is_redrawn_in_place_and_ended_once():
     clock, terminal = FakeClock(), Terminal()
     reporter = Reporter(lambda: (5, 0, 0), files=10, shards=0, stream=terminal, clock=clock)
-    assert reporter.interval == BAR_SECONDS
-    reporter.report()
+    reporter.tick()
     reporter.stop()  # never started: draws the last state and ends the line
     drawn = terminal.getvalue()
     assert drawn.count("\r\x1b[K[") == 2 and drawn.endswith("5/10 images (50%), 0:00:00 elapsed\n")
@@ -93,7 +93,7 @@ def test_a_counter_that_does_not_answer_skips_the_report():
         raise TimeoutError("no answer")
 
     terminal = Terminal()
-    Reporter(silent, files=10, shards=0, stream=terminal).report()
+    Reporter(silent, files=10, shards=0, stream=terminal).tick()
     assert terminal.getvalue() == ""
 
 
