@@ -62,7 +62,8 @@ def test_the_defaults_without_internet_stop_at_once_saying_what_to_pass(shell):
     assert result.returncode == 2
     line = one_error_line(result, "label")
     assert "the weights of tag 'openai' for ViT-B-32 are not in the local cache" in line
-    assert "--pretrained ./ViT-B-32.safetensors" in line and "--pretrained none" in line
+    assert "--model ViT-B-32-quickgelu --pretrained ./ViT-B-32-openai.safetensors" in line  # as the README
+    assert "--pretrained none" in line
     assert not (shell.work / "out").exists()  # no manifest, no empty data/ left behind
 
 

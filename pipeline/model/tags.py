@@ -98,9 +98,16 @@ def fetch_tag_weights(name: str, tag: str, cache_dir: str = "") -> Path:
         raise ConfigError(
             f"pretrained: the weights of tag {tag!r} for {name} are not in the local cache and could not be "
             f"downloaded from {source.describe()} ({type(err).__name__}: {_first_line(err)}); without internet "
-            f"give a checkpoint file (--pretrained ./{name}.safetensors), a URI (--pretrained "
-            f"s3://bucket/{name}.pt), or --pretrained none for random weights (labels that mean nothing, "
-            "to try the pipeline)") from err
+            f"give a checkpoint file ({_file_flags(name, tag)}), a URI (--pretrained s3://bucket/{name}.pt), or "
+            "--pretrained none for random weights (labels that mean nothing, to try the pipeline)") from err
+
+
+def _file_flags(name: str, tag: str) -> str:
+    """The flags that load tag ``tag``'s weights from a file: a tag of a QuickGELU model (OpenAI's)
+    sets the activation itself, a file needs the model's ``-quickgelu`` variant."""
+    quick = open_clip.get_pretrained_cfg(name, tag).get("quick_gelu") and not name.endswith("-quickgelu")
+    model = f"--model {name}-quickgelu " if quick and open_clip.get_model_config(f"{name}-quickgelu") else ""
+    return f"{model}--pretrained ./{name}-{tag}.safetensors"
 
 
 def _first_line(err: BaseException) -> str:

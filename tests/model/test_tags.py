@@ -74,7 +74,17 @@ def test_a_tag_that_cannot_be_downloaded_is_refused_with_what_to_pass_instead(tm
     message = str(info.value)
     assert message.startswith("pretrained: the weights of tag 'openai' for ViT-B-32 are not in the local cache")
     assert "ConnectError" in message and "huggingface.co/timm/" in message
-    for instead in ("--pretrained ./ViT-B-32.safetensors", "--pretrained s3://", "--pretrained none"):
+    for instead in ("--model ViT-B-32-quickgelu --pretrained ./ViT-B-32-openai.safetensors", "--pretrained s3://",
+                    "--pretrained none"):
         assert instead in message
     assert calls == []  # the one probe failed: open_clip's retrying download never started
     assert not any(tmp_path.rglob("*.bin")) and not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_file_of_a_quickgelu_tag_is_loaded_into_the_quickgelu_model():
+    from pipeline.model.tags import _file_flags
+
+    assert _file_flags("ViT-B-32", "openai") == "--model ViT-B-32-quickgelu --pretrained ./ViT-B-32-openai.safetensors"
+    laion = next(tag for tag in open_clip.list_pretrained_tags_by_model("ViT-B-32")
+                 if not open_clip.get_pretrained_cfg("ViT-B-32", tag).get("quick_gelu"))
+    assert _file_flags("ViT-B-32", laion) == f"--pretrained ./ViT-B-32-{laion}.safetensors"
