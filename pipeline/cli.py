@@ -14,7 +14,8 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def _label(args: argparse.Namespace) -> int:
-    from pipeline.distributed.job import Display, run_label_job
+    from pipeline.distributed.console import Display
+    from pipeline.distributed.job import run_label_job
 
     job = job_from_args(args)
     display = Display(verbosity=args.verbosity, ray_progress=args.ray_progress)

@@ -33,16 +33,15 @@ from pipeline.storage import remove_folder
 log = logging.getLogger(__name__)
 
 PACKAGES = ("lgca-pipeline", "torch", "open_clip_torch", "ray", "pyarrow", "fsspec", "s3fs")
-__all__ = ["Display", "Interrupted", "RunSummary", "run_label_job"]
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run after its record was written; the message is what ``lgca label`` prints."""
 
-    def __init__(self, images: int):
-        super().__init__(f"interrupted after {images} image{'' if images == 1 else 's'}; rerun the same command "
-                         "to resume")
-        self.images = images
+    def __init__(self, images: int | None):
+        done = "" if images is None else f" after {images} image{'' if images == 1 else 's'}"
+        super().__init__(f"interrupted{done}; rerun the same command to resume")
+        self.images = images  # None where the run's rows could not be counted
 
 
 @dataclass(frozen=True)
@@ -293,7 +292,7 @@ def stopped_early(run: Run, listing: Listing, created: str | None, exc: BaseExce
             run.output.write_run(run.run_id, record)
     except (OSError, LgcaError) as err:  # the store failed too: the original stop is what matters
         log.warning("could not record the stopped run %s (%s)", run.run_id, err)
-        return Interrupted(0) if interrupted else exc
+        return Interrupted(None) if interrupted else exc
     return Interrupted(rows) if interrupted else exc
 
 
