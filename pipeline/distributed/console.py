@@ -91,7 +91,7 @@ def configure_ray_output(display: Display, local: bool) -> None:
     context.print_on_execution_start = display.verbose
     level = logging.INFO if display.verbose else logging.WARNING
     for handler in logging.getLogger("ray.data").handlers:  # its console handler, not its log file
-        if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(level)
     if not display.verbose:
         filter_noise(local)
