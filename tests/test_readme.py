@@ -84,6 +84,8 @@ def test_every_sh_block_is_marked_and_the_first_is_cis_set_up():
     assert cpu and cpu[0].commands[0] == ("pip install torch torchvision "
                                           "--index-url https://download.pytorch.org/whl/cpu")
     assert cpu[0].commands[1] == blocks[0].commands[0]  # then the project, as in the set-up
+    fetch = [b for b in blocks if b.marker == "skip" and b.commands[0].startswith("curl")]
+    assert fetch and f"-o {CHECKPOINT_NAME} " in fetch[0].commands[0]  # the file the next command loads
 
 
 def test_cluster_commands_build_valid_jobs():
