@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -90,9 +91,18 @@ def test_explain_checks_its_image_before_the_model(shell):
     assert one_error_line(result, "explain") == "lgca explain: error: image: photos/nope.jpg not found"
 
 
+def complete(path: Path) -> bool:
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, pa.ArrowInvalid):  # still being written
+        return False
+
+
 def wait_for_a_data_file(process: subprocess.Popen, data: Path, seconds: float = 300) -> None:
+    """Until the run has written one complete data file (so Ctrl-C comes after some labels)."""
     deadline = time.monotonic() + seconds
-    while not list(data.glob("*.parquet")):
+    while not any(complete(path) for path in data.glob("*.parquet")):
         assert process.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline, "no data file appeared"
         time.sleep(0.1)
