@@ -47,3 +47,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def lgca_script() -> str:
+    """The ``lgca`` console script of this virtualenv, as a newcomer runs it."""
+    import sys
+    from pathlib import Path
+
+    return str(Path(sys.executable).with_name("lgca"))
+
+
+def newcomer_env(home) -> dict[str, str]:
+    """The environment of someone who just installed the package: ``home`` as HOME (no caches, no
+    ~/.ray), no Ray, AWS or Hugging Face settings, this virtualenv first on PATH, and no internet:
+    the Hugging Face Hub's address is a closed port here, so a download fails at once (also where
+    the machine has internet, as in CI)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    dropped = ("RAY_", "AWS_", "HF_", "HUGGINGFACE_", "XDG_CACHE_HOME", "TORCH_HOME")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    env.update(HOME=str(home), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return env
+
+
+# Lines that a normal `lgca label` run printed before (issue "The first hour"): none may come back.
+NOISE = ("Token authentication is enabled", "RayDeprecationWarning", "max_restarts", "No pretrained weights loaded",
+         "does not have any available CPUs", "Traceback", "Progress bars disabled", "logging_progress",
+         "Execution plan of Dataset", "Started a local Ray instance", "INFO root:")

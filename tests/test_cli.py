@@ -125,3 +125,53 @@ def test_a_local_run_refuses_actors_bigger_than_the_machine(tmp_path, capsys, mo
     assert "cpus_per_actor" in capsys.readouterr().err
     assert main(args + ["--gpus-per-actor", "64"]) == 2
     assert "gpus_per_actor: 1 actor(s) of 64.0 GPUs but this machine has 0 GPUs" in capsys.readouterr().err
+
+
+def subcommand_parsers() -> dict:
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if a.choices and not a.option_strings]
+    return dict(commands.choices)
+
+
+def test_every_option_of_every_command_shows_its_default_in_help():
+    parsers = subcommand_parsers()
+    assert {"label", "submit", "query", "summary", "explain", "eval", "bench"} <= set(parsers)
+    for name, sub in parsers.items():
+        for action in sub._actions:
+            if not action.option_strings or action.nargs == 0 or action.default in (None, False):
+                continue  # flags (off unless given) and options without a default
+            assert "default" in action.help.lower(), (name, action.option_strings)
+    help_of = {name: sub.format_help() for name, sub in parsers.items()}
+    assert "threads reading and decoding ahead (default: 4)" in " ".join(help_of["eval"].split())
+    assert "rows a printed table shows at most (default: 100)" in " ".join(help_of["query"].split())
+    label = " ".join(help_of["label"].split())
+    assert "(default: 'ViT-B-32')" in label and "(default: 'openai')" in label
+    assert "--quiet" in label and "--verbose" in label and "--ray-progress" in label
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    from pipeline.commands import query
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(query, "_summary", interrupted)
+    assert main(["summary", "out"]) == 130
+    assert capsys.readouterr().err == "lgca summary: interrupted\n"
+
+
+def test_only_this_packages_info_lines_are_shown():
+    import logging
+
+    from pipeline.cli import configure_logging
+
+    configure_logging(0)
+    assert not logging.getLogger().isEnabledFor(logging.INFO)  # open_clip logs its INFO lines on the root
+    assert logging.getLogger("pipeline.distributed.job").isEnabledFor(logging.INFO)
+    configure_logging(-1)
+    assert not logging.getLogger("pipeline.distributed.job").isEnabledFor(logging.INFO)
+    configure_logging(1)
+    assert logging.getLogger("pipeline.distributed.job").isEnabledFor(logging.DEBUG)
+    configure_logging(0)

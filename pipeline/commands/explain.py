@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -186,34 +187,47 @@ def render(explanation: Explanation, panel_width: int = 320, columns: int = 4) -
     return compose(panels, header, layout)
 
 
-def read_image(uri: str, storage: StorageConfig, limits: DecodeLimits, image_id: str = "") -> ImageInput:
-    """Read and decode ``uri`` (path or fsspec URL). The default id is the one ``lgca label`` gives
-    a loose file (the absolute path, or ``proto://path``), so the crops are the run's crops."""
+def read_bytes(uri: str, storage: StorageConfig) -> tuple[bytes, str]:
+    """The bytes of ``uri`` (path or fsspec URL) and the id ``lgca label`` gives it as a loose file
+    (the absolute path, or ``proto://path``); a missing or unreadable image is a ConfigError."""
     fs, path = filesystem(uri, storage)
     try:
         with fs.open(path, "rb") as handle:
-            data = handle.read()
+            return handle.read(), full_uri(fs, path)
     except FileNotFoundError:
         raise ConfigError(f"image: {uri} not found") from None
     except OSError as exc:  # a folder, no permission, an unreachable store
         raise ConfigError(f"image: cannot read {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def decode(data: bytes, uri: str, image_id: str, limits: DecodeLimits) -> ImageInput:
+    """Decode an image's bytes like ``lgca label`` does; one that cannot be scored is a ConfigError."""
     decoded = decode_image(data, limits)
     if decoded.error:
         raise ConfigError(f"image: {uri} cannot be scored: {decoded.error}")
-    return ImageInput(image_id or full_uri(fs, path), decoded.pixels, decoded.height, decoded.width)
+    return ImageInput(image_id, decoded.pixels, decoded.height, decoded.width)
+
+
+def read_image(uri: str, storage: StorageConfig, limits: DecodeLimits, image_id: str = "") -> ImageInput:
+    """Read and decode ``uri`` (path or fsspec URL). The default id is the one ``lgca label`` gives
+    a loose file (the absolute path, or ``proto://path``), so the crops are the run's crops."""
+    data, own_id = read_bytes(uri, storage)
+    return decode(data, uri, image_id or own_id, limits)
 
 
 def explain_image(uri: str, text: TextConfig, model: ModelConfig, scoring: ScoringParams,
                   storage: StorageConfig, image_id: str = "") -> Explanation:
-    """Load the model and classes, decode ``uri`` like ``lgca label`` does, and score it."""
+    """Read ``uri`` (first: a wrong path fails before any model is loaded), load the model and
+    classes, decode the image like ``lgca label`` does, and score it."""
     from pipeline.model.loading import load_model  # open_clip is imported only when a model is loaded
 
     if scoring.method != "lgca":
         raise ConfigError(f"method: explain shows LGCA steps; got method={scoring.method!r}")
+    data, own_id = read_bytes(uri, storage)
     classes = load_class_set(text, storage)
     loaded = load_model(model, storage)
     limits = DecodeLimits.for_model(loaded.preprocess.image_size, scoring)
-    image = read_image(uri, storage, limits, image_id)
+    image = decode(data, uri, image_id or own_id, limits)
     engine = Engine.for_classes(loaded, classes, scoring)
     description = (f"{image.image_id}  {image.width}x{image.height};  {loaded.name} ({model.pretrained}); "
                    f"seed {scoring.seed}, N={scoring.crops}, T={scoring.steps}, K={scoring.expand_top}, "
@@ -240,11 +254,19 @@ def save_png(picture: Image.Image, target: str, storage: StorageConfig) -> None:
 def _explain(args: argparse.Namespace) -> int:
     if args.panel_width < 16 or args.columns < 1:
         raise ConfigError("panel-width must be at least 16 and columns at least 1")
+    from pipeline.model.loading import RandomWeightsWarning
+
     text, model, scoring, storage = configs_from_args(args)
-    explanation = explain_image(args.image, text, model, scoring, storage, args.id)
+    with warnings.catch_warnings():  # the note below says it, after the result
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        explanation = explain_image(args.image, text, model, scoring, storage, args.id)
     save_png(render(explanation, args.panel_width, args.columns), args.output, storage)
     label = _top(explanation.names, explanation.scores.lgca[0].numpy(), 1)[0][0]
-    print(f"{args.output}: lgca label {label!r} for {explanation.image.image_id}")
+    print(f"{args.output}: lgca label {label!r} for {explanation.image.image_id} (crops drawn with seed "
+          f"{scoring.seed}; the same label on every run)")
+    if model.pretrained.lower() == "none":
+        print(f"note: --pretrained none gives {model.name} random weights (the same on every run), so this "
+              "label means nothing; give a checkpoint file, a URI or a tag for a real one")
     return 0
 
 

@@ -34,8 +34,8 @@ COPY_OPTIONS = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json", "parque
 STORAGE_FLAGS = ("endpoint-url", "anon", "profile", "region")
 COMPARED_METHODS = ("clip", "cupl", "wca")  # methods with a *_label column to compare with `label`
 DEFAULT_MARGIN = 0.01
-RUN_FIELDS = ("run_id", "name", "started_at", "finished_at", "seconds", "images_per_second", "inputs",
-              "counts", "error_reasons", "model", "scoring")
+RUN_FIELDS = ("run_id", "name", "status", "error", "started_at", "finished_at", "seconds", "images_per_second",
+              "inputs", "counts", "error_reasons", "model", "scoring")
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +65,9 @@ def resolve_format(fmt: str | None, target: str) -> str:
 
 
 def write_result(con: duckdb.DuckDBPyConnection, relation: duckdb.DuckDBPyRelation, fmt: str,
-                 target: str, storage: StorageConfig, max_rows: int = 100) -> None:
-    """Print ``relation`` as a table, or write it as csv/json (JSON Lines)/parquet to ``target``.
+                 target: str, storage: StorageConfig, max_rows: int = 100) -> int | None:
+    """Print ``relation`` as a table, or write it as csv/json (JSON Lines)/parquet to ``target``;
+    returns the rows written (None for a printed table).
 
     ``target`` may be a local path or an fsspec URL; csv and json without one go to stdout.
     """
@@ -74,13 +75,14 @@ def write_result(con: duckdb.DuckDBPyConnection, relation: duckdb.DuckDBPyRelati
         if fmt == "table":
             width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
             relation.show(max_width=width, max_rows=max_rows)  # no width limit when piped
-            return
+            return None
         relation.create_view(RESULT_VIEW, replace=True)
         with tempfile.TemporaryDirectory(prefix="lgca-query-") as tmp:
             local = os.path.join(tmp, f"result.{fmt}")
             literal = local.replace("'", "''")
-            con.execute(f"COPY {RESULT_VIEW} TO '{literal}' ({COPY_OPTIONS[fmt]})")
+            (written,) = con.execute(f"COPY {RESULT_VIEW} TO '{literal}' ({COPY_OPTIONS[fmt]})").fetchone()
             _deliver(local, target, storage)
+            return int(written)
     except duckdb.Error as exc:
         raise QueryError(str(exc)) from None
 
@@ -209,14 +211,22 @@ def summarize(output: str, storage: StorageConfig, margin: float = DEFAULT_MARGI
 
 
 def _describe_run(run: dict[str, Any]) -> str:
-    """One run as two lines: id, times and counts; then model and scoring parameters."""
+    """One run as three lines: id, status, times and counts; time, speed and inputs; model and
+    scoring parameters."""
     counts = run.get("counts") or {}
     model = run.get("model") or {}
     scoring = ", ".join(f"{k}={v}" for k, v in (run.get("scoring") or {}).items())
     shards = f"{counts['skipped_shards']} shards not read again, " if counts.get("skipped_shards") else ""
-    return (f"  {run['run_id']}  {run.get('started_at')} .. {run.get('finished_at')}  "
+    status = run.get("status") or "done"  # records written before runs had a status finished
+    stopped = "" if status == "done" else f" {status.upper()}" + (f" ({run['error']})" if run.get("error") else "")
+    seconds, speed = run.get("seconds"), run.get("images_per_second")
+    timing = (f"{seconds:.1f} s, {speed:.2f} images/s" if isinstance(seconds, (int, float))
+              and isinstance(speed, (int, float)) else "time not recorded")
+    inputs = ", ".join(run.get("inputs") or []) or "not recorded"
+    return (f"  {run['run_id']}{stopped}  {run.get('started_at')} .. {run.get('finished_at')}  "
             f"{counts.get('ok', 0)} ok, {counts.get('error', 0)} error, {counts.get('skipped', 0)} skipped, {shards}"
             f"{run['rows']} rows in the output\n"
+            f"    {timing}; inputs: {inputs}\n"
             f"    model {model.get('name')} ({model.get('pretrained')}); {scoring}")
 
 
@@ -247,9 +257,11 @@ def _query(args: argparse.Namespace) -> int:
     fmt = resolve_format(args.format, args.output_file)
     con = connect(args.output, storage)
     try:
-        write_result(con, run_sql(con, args.sql), fmt, args.output_file, storage, args.max_rows)
+        written = write_result(con, run_sql(con, args.sql), fmt, args.output_file, storage, args.max_rows)
     finally:
         con.close()
+    if args.output_file:  # stdout holds nothing else then
+        print(f"wrote {written} rows to {args.output_file}")
     return 0
 
 

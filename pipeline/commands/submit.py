@@ -49,6 +49,10 @@ DEFAULT_EXCLUDES = (".git", ".venv", "venv", "**/__pycache__", ".pytest_cache", 
 # refuses to merge equal keys unless this is set (the values are the same).
 MERGE_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray lets these win over address=
+# The dashboard of a `ray start --head` on this machine, where the job server listens by default.
+# Asked over HTTP like any cluster (with the token in the header); Ray's own lookup of a local
+# cluster goes through the GCS, which refuses a client whose RAY_AUTH_MODE is not 'token'.
+LOCAL_DASHBOARD = "http://127.0.0.1:8265"
 POLL_SECONDS = 1.0
 
 
@@ -186,16 +190,24 @@ def auth_token(environ: Mapping[str, str]) -> str | None:
     return token or None
 
 
-def connect(address: str | None, environ: Mapping[str, str]):
-    """A JobSubmissionClient for the dashboard at ``address`` (None: Ray's own lookup)."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
+def job_server_address(address: str | None, environ: Mapping[str, str]) -> str | None:
+    """Where to submit: ``--address``; else None where RAY_API_SERVER_ADDRESS or RAY_ADDRESS is set
+    (Ray reads them); else the local dashboard (LOCAL_DASHBOARD)."""
     if address:
         for name in ADDRESS_VARIABLES:
             if environ.get(name) and environ[name] != address:
                 raise ConfigError(f"address: {name}={environ[name]} is set, and Ray uses it instead of "
                                   f"--address {address}; unset {name} or drop --address")
+        return address
+    return None if any(environ.get(name) for name in ADDRESS_VARIABLES) else LOCAL_DASHBOARD
+
+
+def connect(address: str | None, environ: Mapping[str, str]):
+    """A JobSubmissionClient for the dashboard at ``address`` (see :func:`job_server_address`)."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    address = job_server_address(address, environ)
     token = auth_token(environ)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -208,8 +220,10 @@ def connect(address: str | None, environ: Mapping[str, str]):
         raise SubmitError(f"the cluster refused the token: {exc}\nSet RAY_AUTH_TOKEN (or "
                           "RAY_AUTH_TOKEN_PATH) to the cluster's token (`ray get-auth-token` on the head)") from None
     except ConnectionError as exc:
-        raise SubmitError(f"cannot reach the Ray job server: {exc}. Give the dashboard URL with "
-                          "--address http://HEAD:8265 (for `ray up` clusters: `ray dashboard cluster.yaml`)") from None
+        where = f" at {address}" if address else ""
+        raise SubmitError(f"cannot reach the Ray job server{where}: {exc}. Start a local Ray with `ray start "
+                          "--head`, or give the dashboard URL with --address http://HEAD:8265 (for `ray up` "
+                          "clusters: `ray dashboard cluster.yaml`)") from None
 
 
 def find_job(client, submission_id: str):
@@ -299,8 +313,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Validate a job spec here, then run `lgca label` with it on a Ray cluster. "
                     "The job id is <name>-<slot>; a slot that was already submitted is not run again.")
     parser.add_argument("spec", help="YAML job spec (the file `lgca label --config` reads)")
-    parser.add_argument("--address", help="Ray dashboard URL, e.g. http://127.0.0.1:8265 "
-                                          "(default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--address", help="Ray dashboard URL, e.g. http://HEAD:8265 (default: "
+                                          "RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else the local Ray's "
+                                          f"{LOCAL_DASHBOARD})")
     parser.add_argument("--slot", help="schedule slot in the job id (default: today's UTC date, YYYYMMDD)")
     parser.add_argument("--wait", action="store_true",
                         help="stream the job's logs and exit non-zero unless it succeeds")

@@ -20,12 +20,14 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ConfigError, OutputError, StorageConfig
 from pipeline.storage import (filesystem, full_uri, list_folder, read_ahead, read_json, remove_folder, write_json,
@@ -90,6 +92,35 @@ class IdSet:
             query = id_digests(ids[start:start + CONTAINS_CHUNK])
             mask[start:start + len(query)] = self.has(query)
         return mask
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"scoring.crops": 60, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+MISSING_SETTING = "(none)"
+
+
+def settings_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``["scoring.crops: 60 -> 8", ...]``: each setting that differs, by its dotted name. The text
+    settings are digests of the class, description and template files: those say ``changed``."""
+    old, new = _flat(before), _flat(after)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, MISSING_SETTING) == new.get(key, MISSING_SETTING):
+            continue
+        if key.startswith("text."):
+            lines.append(f"{key}: changed")
+        else:
+            lines.append(f"{key}: {old.get(key, MISSING_SETTING)} -> {new.get(key, MISSING_SETTING)}")
+    return lines
 
 
 def shard_key(uri: str, version: str | None) -> str:
@@ -278,17 +309,37 @@ class Output:
     def read_manifest(self) -> dict[str, Any] | None:
         return read_json(self.manifest, self.storage)
 
+    def first_missing(self) -> str | None:
+        """The folder that writing the output would create first: the output itself, or on a local
+        disk its outermost missing parent; None when the output exists. What a run removes when
+        it stops before writing any row."""
+        fs, path = filesystem(self.root, self.storage)
+        if fs.exists(path):
+            return None
+        if not isinstance(fs, LocalFileSystem):
+            return self.root
+        missing = Path(path)
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        return str(missing)
+
+    def check_folder(self) -> None:
+        """Refuse a local output that is a file (every output is a folder of data and records)."""
+        fs, path = filesystem(self.root, self.storage)
+        if isinstance(fs, LocalFileSystem) and fs.isfile(path):
+            raise OutputError(f"output: {self.root} is a file; give a folder to write the labels to "
+                              "(a new one is created)")
+
     def check_manifest(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Refuse to add rows scored differently from the output's existing rows (unless
-        ``overwrite``: :meth:`start` then removes them). Changes nothing."""
+        ``overwrite``: :meth:`start` then removes them), naming each setting that differs.
+        Changes nothing."""
         existing = self.read_manifest()
         labelled = existing is not None and bool(self.data_files())
         if labelled and existing != fingerprint and not overwrite:
-            changed = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-            details = "; ".join(f"{k}: {existing.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-            raise ConfigError(
-                f"output: {self.root} was labelled with other settings ({details}). Use a new --output, "
-                "or pass --overwrite to relabel everything")
+            changed = "; ".join(settings_diff(existing, fingerprint))
+            raise ConfigError(f"output: {self.root} was labelled with other settings ({changed}). Use a new --output, "
+                              "or pass --overwrite to relabel everything")
 
     def start(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Write the manifest, before any cluster resource is used; with ``overwrite``, first

@@ -1,7 +1,10 @@
 """One ``lgca label`` run: validate on the driver, plan, run on Ray, record the run.
 
-Everything that can be wrong with a job (config, class files, model name, weights,
-inputs, a mismatched output) is found before Ray starts.
+Everything that can be wrong with a job (config, class files, model name, weights -- found
+in the local cache or downloaded first --, inputs, an output that is a file or was labelled
+with other settings) is found before Ray starts. A run that stops early (Ctrl-C, an error)
+still gets a record with what it labelled, marked ``interrupted`` or ``failed``; one that
+stops before labelling anything leaves no output folder behind that it created.
 """
 from __future__ import annotations
 
@@ -16,18 +19,30 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Collection, Sequence
 
-from pipeline.config import ConfigError, LabelJob, OutputError, to_dict
+from pipeline.config import ConfigError, LabelJob, LgcaError, OutputError, to_dict
 from pipeline.data.output import IdSet, Output, ShardMarks, shard_key
 from pipeline.data.retry import ErrorRows, find_error_rows, finish_replacement, parse_stages, take_out_listed
 from pipeline.data.rows import error_reason
 from pipeline.data.sources import check_parquet_columns, detect_kind, list_image_files, list_shard_versions
 from pipeline.distributed import plan
+from pipeline.distributed.console import Display, configure_ray_output, core_worker_noise_dropped, init_options
+from pipeline.distributed.progress import counter_reporter, start_counter
 from pipeline.model.classes import ClassSet, load_class_set
-from pipeline.model.loading import check_weights, model_input_size
+from pipeline.model.loading import RANDOM_WEIGHTS_SEED, check_weights, model_input_size
+from pipeline.storage import redact, remove_folder
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("lgca-pipeline", "torch", "open_clip_torch", "ray", "pyarrow", "fsspec", "s3fs")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after its record was written; the message is what ``lgca label`` prints."""
+
+    def __init__(self, images: int | None):
+        done = "" if images is None else f" after {images} image{'' if images == 1 else 's'}"
+        super().__init__(f"interrupted{done}; rerun the same command to resume")
+        self.images = images  # None where the run's rows could not be counted
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,8 @@ def package_versions() -> dict[str, str]:
 
 
 def prepare(job: LabelJob) -> tuple[ClassSet, int]:
-    """Driver-side validation that needs files: classes, model name and weights."""
+    """Driver-side validation that needs files: classes, model name and weights (a tag's weights
+    fetched now, see :func:`~pipeline.model.loading.check_weights`)."""
     classes = load_class_set(job.text, job.storage)
     check_weights(job.model, job.storage)
     return classes, model_input_size(job.model.name)
@@ -169,70 +185,165 @@ def check_local_resources(job: LabelJob) -> None:
                               "or run on a cluster (--address)")
 
 
-def start_ray(job: LabelJob) -> None:
-    """Connect to the job's Ray (see :func:`ray_address`) unless this process already is."""
+def start_ray(job: LabelJob, display: Display = Display()) -> None:
+    """Connect to the job's Ray (see :func:`ray_address`) unless this process already is; what
+    Ray prints is set by ``display`` (see :mod:`pipeline.distributed.console`)."""
     import ray
 
+    configure_ray_output(display, local=ray_address(job) == "local")
     if not ray.is_initialized():
-        ray.init(address=ray_address(job))
+        ray.init(address=ray_address(job), **init_options(display))
 
 
-def run_label_job(job: LabelJob) -> RunSummary:
-    """Label every image of ``job`` not yet in its output; returns what was done."""
+@dataclass(frozen=True)
+class Run:
+    """One run's fixed facts, shared by its steps and its record."""
+
+    job: LabelJob
+    run_id: str
+    output: Output
+    classes: ClassSet
+    started: datetime
+    clock: float  # time.monotonic() at the start
+    retry_stages: tuple[str, ...] = ()  # the error stages labelled again (--retry-errors)
+    retried: int = 0  # error rows taken out of the output to be labelled again
+
+
+def known_rows(job: LabelJob, output: Output, retryable: ErrorRows) -> tuple[IdSet, IdSet]:
+    """The ids in the output but ``retryable``'s, and the shard versions read whole before (none
+    with --overwrite)."""
+    lost: list[str] = []  # partial data files removed while the output's ids are read
+    done = IdSet.empty() if job.overwrite else output.labelled_ids(lost)
+    done = done.without(retryable.ids)
+    # shard records vouch for rows in the output: not trusted when it has no data (deleted by
+    # hand) or just lost a file (whose rows may belong to recorded shards); all are read then
+    if len(done) and not lost:
+        return done, output.shards_read_whole()
+    if not job.overwrite:
+        output.forget_shards()
+    return done, IdSet.empty()
+
+
+def label_on_ray(run: Run, work: plan.WorkList, done: IdSet, image_size: int, marks: ShardMarks | None,
+                 display: Display) -> None:
+    """Label ``work`` on Ray into the output, showing progress unless ``display`` is quiet."""
+    model = run.job.model
+    if model.pretrained.lower() == "none":  # said here once, not by every model actor
+        log.warning("pretrained none: %s has random weights (drawn from seed %d, the same in every run), so "
+                    "its labels and scores mean nothing; give a checkpoint file, a URI or a tag for real labels",
+                    model.name, RANDOM_WEIGHTS_SEED)
+    start_ray(run.job, display)
+    progress = None if display.quiet else start_counter()
+    dataset = plan.build(work, run.job, run.classes, done, run.run_id, image_size, marks, progress)
+    with core_worker_noise_dropped(not display.verbose) as terminal:
+        reporter = None if progress is None else counter_reporter(
+            progress, len(work.files), len(work.tars) + len(work.parquets), terminal)
+        if reporter is not None:
+            reporter.start()
+        finished = False
+        try:
+            plan.write(dataset, run.output, run.job, run.run_id)
+            finished = True
+        except OSError as exc:  # also a Ray task's error: Ray's wrapper subclasses the task's own
+            raise OutputError(storage_failure(exc)) from exc
+        finally:
+            if reporter is not None:
+                reporter.stop(finished)
+
+
+def execute(run: Run, listing: Listing, done: IdSet, image_size: int, display: Display) -> tuple[int, list[str]]:
+    """Label the listed work and record the shards read whole; returns the run's row count and
+    its error messages, read from its own files."""
+    marks = run.output.marks(run.run_id) if listing.shards else None
+    try:
+        if not listing.work.empty:
+            work = listing.work
+            shards = f" and the new rows of {len(work.tars) + len(work.parquets)} shard(s)" if listing.shards else ""
+            log.info("labelling %d image file(s)%s; %d already labelled", len(work.files), shards,
+                     listing.skipped_files)
+            if marks is not None:
+                marks.create()
+            label_on_ray(run, listing.work, done, image_size, marks, display)
+        own_lost: list[str] = []
+        rows, errors = run.output.run_outcome(run.run_id, own_lost)
+        # every row is written now; only shards read to their end are recorded, and none if a
+        # file of this run could not be read (it may hold any shard's rows)
+        if marks is not None and not own_lost:
+            record_whole_shards(run.output, run.run_id, listing.shards, marks)
+        return rows, errors
+    finally:
+        if marks is not None:
+            marks.remove()
+
+
+def summarize_run(run: Run, listing: Listing, rows: int, errors: list[str]) -> RunSummary:
+    reasons = dict(Counter(error_reason(message) for message in errors))
+    return RunSummary(run_id=run.run_id, output=run.job.output, ok=rows - len(errors), errors=len(errors),
+                      skipped=listing.skipped_files, seconds=time.monotonic() - run.clock, error_reasons=reasons,
+                      skipped_shards=listing.skipped_shards, retried=run.retried)
+
+
+def stopped_early(run: Run, listing: Listing, created: str | None, exc: BaseException) -> BaseException:
+    """After Ctrl-C or an error: record the run with what it wrote (``interrupted`` or ``failed``),
+    or, when it wrote nothing into an output it created (``created``: the outermost folder it
+    made, see :meth:`Output.first_missing`), remove that. Returns what to raise:
+    :class:`Interrupted` for Ctrl-C, else ``exc``."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    if interrupted:
+        stop_ray()  # no write task may add a file after the rows are counted
+    try:
+        rows, errors = run.output.run_outcome(run.run_id, [])
+        if created is not None and not run.output.data_files():
+            remove_folder(created, run.job.storage)
+        else:
+            status = "interrupted" if interrupted else "failed"
+            record = run_metadata(run, summarize_run(run, listing, rows, errors), status,
+                                  None if interrupted else redact(f"{type(exc).__name__}: {exc}"))
+            run.output.write_run(run.run_id, record)
+    except (OSError, LgcaError) as err:  # the store failed too: the original stop is what matters
+        log.warning("could not record the stopped run %s (%s)", run.run_id, err)
+        return Interrupted(None) if interrupted else exc
+    return Interrupted(rows) if interrupted else exc
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray (stopping a Ray this run started, and with it every task of the run)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run_label_job(job: LabelJob, display: Display = Display()) -> RunSummary:
+    """Label every image of ``job`` not yet in its output; returns what was done. Ctrl-C raises
+    :class:`Interrupted` once the run's record says how far it got."""
     started, clock = datetime.now(timezone.utc), time.monotonic()
     check_local_resources(job)
     classes, image_size = prepare(job)
     output = Output(job.output, job.storage)
+    output.check_folder()
     manifest = fingerprint(job, classes)
     output.check_manifest(manifest, job.overwrite)
     stages = retry_stages(job)
     if not job.overwrite:
         finish_replacement(output)  # of a run killed while it replaced data files (--retry-errors)
-    lost: list[str] = []  # partial data files removed while the output's ids are read
-    done = IdSet.empty() if job.overwrite else output.labelled_ids(lost)
     retryable = find_error_rows(output, stages) if stages else ErrorRows((), (), ())
-    done = done.without(retryable.ids)
-    # shard records vouch for rows in the output: not trusted when it has no data (deleted by
-    # hand) or just lost a file (whose rows may belong to recorded shards); all are read then
-    if len(done) and not lost:
-        read_whole = output.shards_read_whole()
-    else:
-        read_whole = IdSet.empty()
-        if not job.overwrite:
-            output.forget_shards()
+    done, read_whole = known_rows(job, output, retryable)
     listing = collect_work(job, done, read_whole, reread=frozenset(retryable.uris))
+    created = output.first_missing()
     output.start(manifest, job.overwrite)
-    run_id = new_run_id()
-    work = listing.work
+    run_id, work = new_run_id(), listing.work
     retried = take_out_listed(output, retryable, work.files, work.tars + work.parquets, run_id)
-    marks = output.marks(run_id) if listing.shards else None
+    run = Run(job, run_id, output, classes, started, clock, stages, retried)
     try:
-        if not listing.work.empty:
-            if marks is not None:
-                marks.create()
-            start_ray(job)
-            dataset = plan.build(listing.work, job, classes, done, run_id, image_size, marks)
-            try:
-                plan.write(dataset, output, job, run_id)
-            except OSError as exc:  # also a Ray task's error: Ray's wrapper subclasses the task's own
-                raise OutputError(storage_failure(exc)) from exc
-        own_lost: list[str] = []
-        rows, errors = output.run_outcome(run_id, own_lost)
-        # every row is written now; only shards read to their end are recorded, and none if a
-        # file of this run could not be read (it may hold any shard's rows)
-        if marks is not None and not own_lost:
-            record_whole_shards(output, run_id, listing.shards, marks)
-    finally:
-        if marks is not None:
-            marks.remove()
-    reasons = dict(Counter(error_reason(message) for message in errors))
-    summary = RunSummary(run_id=run_id, output=job.output, ok=rows - len(errors), errors=len(errors),
-                         skipped=listing.skipped_files, seconds=time.monotonic() - clock, error_reasons=reasons,
-                         skipped_shards=listing.skipped_shards, retried=retried)
-    record = run_metadata(job, classes, summary, started)
-    if stages:
-        record["retry_errors"] = {"stages": list(stages), "rows": retried}
-    output.write_run(run_id, record)
+        rows, errors = execute(run, listing, done, image_size, display)
+    except BaseException as exc:
+        stop = stopped_early(run, listing, created, exc)
+        if stop is exc:
+            raise
+        raise stop from None
+    summary = summarize_run(run, listing, rows, errors)
+    output.write_run(run.run_id, run_metadata(run, summary))
     return summary
 
 
@@ -253,11 +364,13 @@ def retry_stages(job: LabelJob) -> tuple[str, ...]:
     return parse_stages(job.retry_errors)
 
 
-def run_metadata(job: LabelJob, classes: ClassSet, summary: RunSummary, started: datetime) -> dict[str, Any]:
-    """The run's record: settings, text digests and sources (bundled sets by name), versions, times and counts."""
-    return {
-        "run_id": summary.run_id, "name": job.name,
-        "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+def run_metadata(run: Run, summary: RunSummary, status: str = "done", error: str | None = None) -> dict[str, Any]:
+    """The run's record: settings, text digests and sources (bundled sets by name), versions,
+    times and counts; ``status`` is ``done``, ``interrupted`` (Ctrl-C) or ``failed`` (with ``error``)."""
+    job, classes = run.job, run.classes
+    record = {
+        "run_id": summary.run_id, "name": job.name, "status": status, "error": error,
+        "started_at": run.started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
         "inputs": list(job.inputs.uris), "output": job.output,
         "model": to_dict(job.model), "scoring": to_dict(job.scoring), "resources": to_dict(job.resources),
         "seed": job.scoring.seed, "classes": list(classes.names), "templates": list(classes.templates),
@@ -267,4 +380,6 @@ def run_metadata(job: LabelJob, classes: ClassSet, summary: RunSummary, started:
         "error_reasons": summary.error_reasons, "seconds": summary.seconds,
         "images_per_second": summary.images_per_second,
     }
-
+    if run.retry_stages:
+        record["retry_errors"] = {"stages": list(run.retry_stages), "rows": run.retried}
+    return record

@@ -17,6 +17,7 @@ from pipeline.config import LabelJob
 from pipeline.data.decode import DecodeLimits, decode_batch
 from pipeline.data.output import IdSet, Output, ShardMarks
 from pipeline.data.sources import iter_parquet_rows, iter_tar_rows, read_files_batch
+from pipeline.distributed.progress import CountedLabelActor
 from pipeline.model.classes import ClassSet
 from pipeline.storage import filesystem, worker_env
 
@@ -89,25 +90,32 @@ def _read(kind: str, uris: list[str], job: LabelJob) -> Iterator[dict[str, list]
 
 
 def read_items(batch: dict, job: LabelJob, done: IdSet | ray.ObjectRef | None,
-               marks: ShardMarks | None = None) -> Iterator[dict[str, list]]:
+               marks: ShardMarks | None = None, progress: ray.actor.ActorHandle | None = None
+               ) -> Iterator[dict[str, list]]:
     """Rows ``id, uri, bytes, error`` of the read tasks in ``batch`` (see :func:`work_items`),
     without the ids already in the output. With ``marks``, each shard is marked read to its
     end after its last row, or broken off before its ``<uri>#`` error row is passed on (see
-    :class:`~pipeline.data.output.ShardMarks`)."""
+    :class:`~pipeline.data.output.ShardMarks`). With ``progress`` (the run's
+    :class:`~pipeline.distributed.progress.Counter`), the rows found in each shard and the shards
+    read are counted (loose files were counted on the driver)."""
     if isinstance(done, ray.ObjectRef):
         done = ray.get(done)
     for kind, uris in zip(batch["kind"], batch["uris"]):
-        shard = str(uris[0]) if marks is not None and kind != "files" else None  # one shard per read task
+        shard = str(uris[0]) if kind != "files" else None  # one shard per read task
         broke = False
         for rows in _read(kind, list(uris), job):
-            if shard is not None and not broke and f"{shard}#" in rows["id"]:
+            if shard is not None and marks is not None and not broke and f"{shard}#" in rows["id"]:
                 broke = True
                 marks.mark(shard, whole=False)
             # loose files were filtered on the driver already; shard rows are known only now
             rows = drop_done(rows, done) if done is not None and kind != "files" else rows
+            if shard is not None and progress is not None and rows["id"]:
+                progress.add.remote(found=len(rows["id"]))  # not waited for
             if rows["id"]:
                 yield rows
-        if shard is not None and not broke:
+        if shard is not None and progress is not None:
+            progress.add.remote(shards_read=1)
+        if shard is not None and marks is not None and not broke:
             marks.mark(shard, whole=True)
 
 
@@ -120,34 +128,38 @@ def decode_pieces(batch: dict, limits: DecodeLimits) -> Iterator[dict]:
 
 
 def build(work: WorkList, job: LabelJob, classes: ClassSet, done: IdSet, run_id: str,
-          image_size: int, marks: ShardMarks | None = None) -> ray.data.Dataset:
+          image_size: int, marks: ShardMarks | None = None,
+          progress: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
     """The whole plan up to (not including) the write.
 
-    Reading and decoding are CPU tasks spread over the cluster; their scheduling differs
-    from the model actors' (SPREAD against DEFAULT), so Ray does not fuse them into the
-    actors: the actors only score, ``batch_size`` decoded images a call, and results are
-    written as soon as a file's worth (``ResourceConfig.file_rows``) is labelled.
+    Reading and decoding are CPU tasks spread over the cluster. The decoded rows are cut into
+    blocks of ``batch_size`` rows, so that each model-actor call scores one block and its rows
+    go to the write as soon as it returns (one file per call on CPUs, see
+    ``ResourceConfig.file_rows``; uncut, a call would get a whole read task's rows, and a
+    killed run lose them all). Ray fuses the cut into the decode tasks, and the read into them
+    too unless the read carries the storage settings (``remote_env``; decoding needs none, and
+    Ray fuses only stages with the same remote arguments); it never fuses the cut into the
+    actors. With ``progress``, the read tasks and the model actors count what they do (see
+    :mod:`pipeline.distributed.progress`).
     """
-    from pipeline.distributed.actor import LabelActor  # here, so that read/decode workers (which import this module) skip torch
-
     scoring, res = job.scoring, job.resources
     limits = DecodeLimits.for_model(image_size, scoring, res.max_pixels)
-    remote = remote_env()
-    stage = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **remote}
+    remote = remote_env()  # runtime_env, passed by name (Ray 2.60 deprecates the other remote args)
     items = work_items(work)
     done_ref = ray.put(done) if len(done) and (work.tars or work.parquets) else None
     rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_items, fn_kwargs={"job": job, "done": done_ref, "marks": marks}, batch_size=None, **stage)
+        read_items, fn_kwargs={"job": job, "done": done_ref, "marks": marks, "progress": progress},
+        batch_size=None, num_cpus=1, **remote)
     # batch_size=None on both: one read task per work item (Ray bundles inputs up to the
     # largest batch size of a fused chain), streamed through in pieces.
-    decoded = rows.map_batches(decode_pieces, fn_kwargs={"limits": limits}, batch_size=None, **stage)
-    return decoded.map_batches(
-        LabelActor, batch_size=res.batch_size, batch_format="numpy",
+    decoded = rows.map_batches(decode_pieces, fn_kwargs={"limits": limits}, batch_size=None, num_cpus=1)
+    return decoded.repartition(target_num_rows_per_block=res.batch_size).map_batches(
+        CountedLabelActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=res.actors_min, max_size=res.actors_max),
-        fn_constructor_kwargs={"model": job.model, "classes": classes, "scoring": scoring,
+        fn_constructor_kwargs={"progress": progress, "model": job.model, "classes": classes, "scoring": scoring,
                                "storage": job.storage, "run_id": run_id, "batch_size": res.batch_size,
                                "threads": res.threads_per_actor},
-        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, scheduling_strategy="DEFAULT", **remote)
+        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, **remote)
 
 
 def write(dataset: ray.data.Dataset, output: Output, job: LabelJob, run_id: str) -> None:

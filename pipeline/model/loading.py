@@ -33,6 +33,7 @@ import torch
 from pipeline.config import ConfigError, FP16_ON_CPU, ModelConfig, StorageConfig
 from pipeline.method.crops import Preprocess
 from pipeline.model.checkpoints import fetch_checkpoint, sha256_file
+from pipeline.model.tags import fetch_tag_weights
 from pipeline.storage import filesystem
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -47,8 +48,16 @@ INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", 
                   "sparse_")
 # open_clip loads these (big_vision) checkpoints tensor by tensor, not with a strict load_state_dict
 NOT_STRICT_SUFFIXES = (".npz", ".npy")
-# What open_clip logs when create_model got no weights, wrong where a checkpoint file is loaded after it
+# What open_clip logs when create_model got no weights: wrong where a checkpoint file is loaded after
+# it, and said once (by RandomWeightsWarning) where the weights are random
 OPEN_CLIP_NO_WEIGHTS = "No pretrained weights loaded"
+# Random weights (pretrained 'none') are drawn from this seed: the same model in every actor and run
+RANDOM_WEIGHTS_SEED = 0
+CLOSE_NAMES = 5  # model names a "did you mean" offers at most
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model with random weights (pretrained 'none') was loaded: its labels mean nothing."""
 
 
 def preprocess_from_model(model: torch.nn.Module) -> Preprocess:
@@ -159,11 +168,12 @@ def resolve_model_name(name: str) -> str:
     for candidate in (name, name.replace("/", "-")):
         if candidate in available:
             return candidate
-    close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
-    hint = f"did you mean: {', '.join(close)}? " if close else ""
+    close = difflib.get_close_matches(name, available, n=CLOSE_NAMES, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ConfigError(
-        f"model: {name!r} not found; {hint}available: {', '.join(available)}; "
-        "or give the path of an open_clip model-config JSON")
+        f"model: {name!r} not found; {hint}open_clip knows {len(available)} models (python -c \"import "
+        "open_clip; print(open_clip.list_models())\" lists them), or give the path of an open_clip "
+        "model-config JSON")
 
 
 def model_input_size(name: str) -> int:
@@ -215,13 +225,18 @@ def _resolve_weights(cfg: ModelConfig, name: str, storage: StorageConfig) -> _We
 def check_weights(cfg: ModelConfig, storage: StorageConfig = StorageConfig()) -> str:
     """Check on the driver, without loading any weights, that ``cfg`` names a model and weights.
 
-    Returns the resolved model name. A remote checkpoint must exist; a local one must be a
-    file here (on a cluster it must also exist on every worker: prefer an s3:// URI) that
-    fits the model, checked by :func:`check_checkpoint_fits`.
+    Returns the resolved model name. A tag's weights must be in the local cache or be downloaded
+    now (:func:`~pipeline.model.tags.fetch_tag_weights`, which fails within seconds without
+    internet). A remote checkpoint must exist; a local one must be a file here (on a cluster it
+    must also exist on every worker: prefer an s3:// URI) that fits the model, checked by
+    :func:`check_checkpoint_fits`.
     """
     name = resolve_model_name(cfg.name)
     pretrained = cfg.pretrained
-    if pretrained.lower() == "none" or open_clip.is_pretrained_cfg(name, pretrained):
+    if pretrained.lower() == "none":
+        return name
+    if open_clip.is_pretrained_cfg(name, pretrained):
+        fetch_tag_weights(name, pretrained, cfg.cache_dir)
         return name
     if _URI_PATTERN.match(pretrained):
         fs, path = filesystem(pretrained, storage)
@@ -259,10 +274,15 @@ def check_names(cfg: ModelConfig) -> None:
 
 def check_checkpoint_fits(path: Path, name: str) -> None:
     """Load checkpoint ``path`` into model ``name`` built on the meta device: the checks of a real
-    load, with the same errors, but no tensor is allocated or read (0.05 s for ViT-B-32)."""
+    load, with the same errors, but no model tensor is allocated (0.05 s for ViT-B-32). A torch
+    file is read onto the meta device too; safetensors cannot be, so its tensors are mapped from
+    the file (not copied into memory)."""
     with torch.device("meta"), _root_messages_dropped(OPEN_CLIP_NO_WEIGHTS):
         model = open_clip.create_model(name, device=torch.device("meta"), pretrained_text=False)
-    _load_checkpoint_file(model, path, name, map_location="meta")
+    safetensors = path.name.lower().endswith(".safetensors")
+    with warnings.catch_warnings():  # torch warns, per tensor, that a file tensor copied into a meta one is a no-op
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+        _load_checkpoint_file(model, path, name, map_location="cpu" if safetensors else "meta")
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -356,14 +376,20 @@ def load_model(cfg: ModelConfig, storage: StorageConfig = StorageConfig()) -> Lo
     device = resolve_device(cfg.device)
     _check_precision(cfg.precision, device)
     weights = _resolve_weights(cfg, name, storage)
+    if weights.tag is not None:  # in the cache, or downloaded now: fails fast where it cannot be
+        fetch_tag_weights(name, weights.tag, cfg.cache_dir)
     if weights.random:
-        warnings.warn(f"pretrained='none': model {name!r} has random weights, so its labels and "
-                      "scores are meaningless", UserWarning, stacklevel=2)
+        warnings.warn(f"pretrained='none': model {name!r} has random weights (drawn from seed "
+                      f"{RANDOM_WEIGHTS_SEED}, the same in every run), so its labels and scores are "
+                      "meaningless", RandomWeightsWarning, stacklevel=2)
     with contextlib.ExitStack() as stack:
         if weights.strict:  # a tag is loaded by open_clip, a file below: both strictly
             stack.enter_context(weights_left_uninitialised())
-        if weights.checkpoint is not None:
+        if weights.tag is None:  # a file is loaded below, or the weights are random, as said above
             stack.enter_context(_root_messages_dropped(OPEN_CLIP_NO_WEIGHTS))
+        if weights.random:  # one model in every process and run, not one per actor
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
         model = open_clip.create_model(
             name, pretrained=weights.tag, precision=OPEN_CLIP_PRECISION[cfg.precision], device=device,
             cache_dir=cfg.cache_dir or None, require_pretrained=weights.tag is not None, weights_only=True,

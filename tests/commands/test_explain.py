@@ -146,7 +146,8 @@ def test_explain_draws_the_engines_boxes(photo, tiny_checkpoint, tmp_path, capsy
     assert code == 0
     scores = engine_scores(photo, tiny_checkpoint)
     label = CLASSES[int(scores.lgca[0].argmax())]
-    assert capsys.readouterr().out.strip() == f"{target}: lgca label {label!r} for {photo}"
+    assert capsys.readouterr().out.strip() == (f"{target}: lgca label {label!r} for {photo} (crops drawn with "
+                                               "seed 5; the same label on every run)")
 
     picture = np.asarray(Image.open(target).convert("RGB")).astype(int)
     height, width = 300, 451  # chelsea
@@ -180,6 +181,29 @@ def test_explain_reports_a_missing_image(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="image: .*nope.jpg not found"):
         cli("explain", str(tmp_path / "nope.jpg"), "--classes", "cat,dog", "--model", "lgca-tiny",
             "--pretrained", str(tiny_checkpoint), "--device", "cpu", "-o", str(tmp_path / "x.png"))
+
+
+def test_explain_checks_the_image_before_loading_any_model(tmp_path, monkeypatch):
+    import pipeline.model.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded first"))
+    with pytest.raises(ConfigError, match="image: .*nope.jpg not found"):  # the defaults: ViT-B-32, openai
+        cli("explain", str(tmp_path / "nope.jpg"), "--classes", "cat,dog", "-o", str(tmp_path / "x.png"))
+
+
+def test_random_weights_give_the_same_label_on_every_run_and_a_note_says_why(photo, tmp_path, capsys):
+    args = ("explain", str(photo), "--classes", ",".join(CLASSES), "--model", "lgca-tiny", "--pretrained", "none",
+            "--device", "cpu", "--crops", "6", "--steps", "1", "--expand-top", "2", "--panel-width", "64")
+    lines = []
+    for run in range(3):
+        assert cli(*args, "-o", str(tmp_path / f"{run}.png")) == 0
+        lines.append(capsys.readouterr().out.splitlines())
+    labels = {out[0].split("lgca label ")[1].split(" for ")[0] for out in lines}
+    assert len(labels) == 1  # random weights, but seeded: the same model on every run
+    pictures = {(tmp_path / f"{run}.png").read_bytes() for run in range(3)}
+    assert len(pictures) == 1  # the same scores to the 4th decimal, the same boxes
+    assert lines[0][1] == ("note: --pretrained none gives lgca-tiny random weights (the same on every run), so "
+                           "this label means nothing; give a checkpoint file, a URI or a tag for a real one")
 
 
 def test_explain_reports_an_undecodable_image(tiny_checkpoint, tmp_path):

@@ -74,9 +74,9 @@ def test_pets_spec_runs_lgca_on_gpus_from_s3():
 def test_local_spec_needs_no_download_and_no_gpu():
     job = build_job(read_job_file(str(JOBS / "example-local.yaml")))
     assert (job.model.name, job.model.pretrained, job.model.device) == ("lgca-tiny", "none", "cpu")
-    assert job.inputs.uris == ("/tmp/lgca-example/images",) and job.output == "/tmp/lgca-example/labels"
+    assert job.inputs.uris == ("photos",) and job.output == "labels"  # the README's quick start makes them
     assert job.resources.gpus_per_actor == 0.0
-    assert job.text.classes == "cat,astronaut,coffee,rocket"
+    assert job.text.classes == "classes.txt"
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)

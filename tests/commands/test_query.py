@@ -134,12 +134,13 @@ def test_query_json_matches_pyarrow(output, capsys):
     assert sum(r["n"] for r in got) == 15
 
 
-def test_query_csv_file_and_nested_columns(output, tmp_path):
+def test_query_csv_file_and_nested_columns(output, tmp_path, capsys):
     target = tmp_path / "res" / "steps.csv"
     sql = ("SELECT id, steps[2].step AS step, steps[2].topk_labels[1] AS top, len(steps[3].expanded_boxes) AS k "
            "FROM labels WHERE status = 'ok' ORDER BY id")
     assert cli("query", str(output), sql, "-o", str(target)) == 0
     got = list(csv.DictReader(io.StringIO(target.read_text())))
+    assert capsys.readouterr().out == f"wrote {len(got)} rows to {target}\n" and len(got) == 15
     table = all_rows(output).to_pylist()
     want = sorted((r for r in table if r["status"] == "ok"), key=lambda r: r["id"])
     assert [g["id"] for g in got] == [r["id"] for r in want]
@@ -250,6 +251,18 @@ def test_summary_text(output, capsys):
     assert f"  {RUN_A}  2026-01-01T00:00:00 .. 2026-01-01T00:00:09  10 ok, 2 error, 0 skipped, 12 rows" in text
     assert (f"  {RUN_B}  2026-01-02T00:00:00 .. 2026-01-02T00:00:09  5 ok, 1 error, 0 skipped, "
             "3 shards not read again, 6 rows") in text
+    assert text.count("    9.0 s, ") == 2  # each run's seconds, speed and inputs, as --json has them
+    assert "    9.0 s, 1.33 images/s; inputs: /photos\n" in text and "    9.0 s, 0.67 images/s; inputs: /photos" in text
+
+
+def test_summary_text_marks_an_interrupted_run(output, capsys):
+    record = json.loads(Path(Output(str(output)).run(RUN_B)).read_text())
+    write_json(Output(str(output)).run(RUN_B), {**record, "status": "interrupted"}, StorageConfig())
+    assert cli("summary", str(output)) == 0
+    text = capsys.readouterr().out
+    assert f"  {RUN_B} INTERRUPTED  2026-01-02T00:00:00" in text and f"  {RUN_A}  2026-01-01" in text
+    assert cli("summary", str(output), "--json") == 0
+    assert [run["status"] for run in json.loads(capsys.readouterr().out)["runs"]] == [None, "interrupted"]
 
 
 def test_summary_skips_own_method_and_handles_missing_columns(tmp_path):

@@ -204,7 +204,7 @@ def test_default_working_dir_is_the_project_root(tmp_path, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("model, pretrained, message", [
-    ("ViT-B-32x", "none", r"model: 'ViT-B-32x' not found; did you mean: ViT-B-32"),
+    ("ViT-B-32x", "none", r"model: 'ViT-B-32x' not found; did you mean ViT-B-32"),
     ("ViT-B-32", "opneai", r"'opneai' is not a pretrained tag of 'ViT-B-32' \(available tags: .*openai"),
 ])
 def test_a_spec_naming_an_unknown_model_or_tag_is_not_submitted(tmp_path, model, pretrained, message):
@@ -281,7 +281,28 @@ def test_ray_address_overriding_address_is_an_error(tmp_path, lgca, clean_env, m
     assert "RAY_ADDRESS=http://10.0.0.1:8265 is set" in capsys.readouterr().err
 
 
+def test_without_an_address_the_local_dashboard_is_asked_unless_ray_variables_say_otherwise():
+    assert submit.job_server_address(None, {}) == submit.LOCAL_DASHBOARD == "http://127.0.0.1:8265"
+    assert submit.job_server_address(None, {"RAY_ADDRESS": "http://head:8265"}) is None  # Ray reads it
+    assert submit.job_server_address("http://head:8265", {}) == "http://head:8265"
+
+
 # --- against a real cluster ----------------------------------------------------------------------
+
+def test_a_local_ray_is_reached_without_address_with_the_token_of_its_home(tmp_path, job_server, lgca, clean_env,
+                                                                          monkeypatch, capsys, tiny_checkpoint):
+    """`ray start --head` here, then `lgca submit JOB.yaml`: no --address, no RAY_AUTH_* variables, the
+    token where `ray start` left it (~/.ray/auth_token)."""
+    monkeypatch.setattr(submit, "LOCAL_DASHBOARD", job_server.url)  # the fixture's head is not on port 8265
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(job_server.token + "\n")
+    spec = tiny_spec(tmp_path, tiny_checkpoint, "lgca-here", tmp_path / "absent", tmp_path / "labels")
+    assert lgca(["submit", str(spec), "--slot", "s1"]) == 0
+    assert capsys.readouterr().out == "lgca-here-s1 submitted\n"
+    client = submit.connect(job_server.url, {"RAY_AUTH_TOKEN": job_server.token})
+    assert client.get_job_info("lgca-here-s1").submission_id == "lgca-here-s1"
+
 
 def test_wrong_or_missing_token_is_refused(tmp_path, job_server, lgca, clean_env, monkeypatch, capsys,
                                            tiny_checkpoint):

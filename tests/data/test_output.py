@@ -149,13 +149,34 @@ def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
     layout.start({"model": "a", "scoring": {"crops": 60}}, overwrite=False)
     write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
     layout.check_manifest({"model": "a", "scoring": {"crops": 60}}, overwrite=False)  # same: fine
-    with pytest.raises(ConfigError, match=r"scoring: \{'crops': 60\} -> \{'crops': 30\}.*--overwrite"):
+    with pytest.raises(ConfigError, match=r"other settings \(scoring.crops: 60 -> 30\)\. .*--overwrite"):
         layout.check_manifest({"model": "a", "scoring": {"crops": 30}}, overwrite=False)
     layout.check_manifest({"model": "a", "scoring": {"crops": 30}}, overwrite=True)
     assert (tmp_path / "data" / "r_a_000000-0.parquet").exists()  # checking removes nothing
     layout.start({"model": "a", "scoring": {"crops": 30}}, overwrite=True)
     assert not (tmp_path / "data").exists()
     assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["scoring"] == {"crops": 30}
+
+
+def test_a_settings_mismatch_names_each_setting_that_differs_and_nothing_else():
+    before = {"model": "ViT-B-32", "pretrained": "openai", "text": {"classes": "a1", "templates": "t1"},
+              "scoring": {"crops": 60, "steps": 3, "seed": 0, "aggregation": "mean"}}
+    after = {"model": "ViT-B-32", "pretrained": "none", "text": {"classes": "a2", "templates": "t1"},
+             "scoring": {"crops": 8, "steps": 3, "seed": 0, "top_k": 5}}
+    assert sink.settings_diff(before, after) == [
+        "pretrained: openai -> none", "scoring.aggregation: mean -> (none)", "scoring.crops: 60 -> 8",
+        "scoring.top_k: (none) -> 5", "text.classes: changed"]
+    assert sink.settings_diff(before, before) == []
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "labels.txt").write_text("not a folder")
+    with pytest.raises(OutputError, match=r"labels.txt is a file; give a folder"):
+        Output(str(tmp_path / "labels.txt")).check_folder()
+    Output(str(tmp_path / "new")).check_folder()  # absent: created later
+    Output(str(tmp_path)).check_folder()
+    assert Output(str(tmp_path)).first_missing() is None
+    assert Output(str(tmp_path / "a" / "b" / "out")).first_missing() == str(tmp_path / "a")
 
 
 def test_shards_read_whole_are_recorded_per_run_and_forgotten_on_overwrite(tmp_path):

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
-                             SourceError, StorageConfig, TextConfig)
+from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, OutputError, ResourceConfig,
+                             ScoringParams, SourceError, StorageConfig, TextConfig)
 from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.data.output import Output
 from pipeline.data.rows import SCHEMA
@@ -175,7 +175,7 @@ def test_rows_per_file_merges_actor_calls_into_larger_files(ray_cluster, tmp_pat
     images = tmp_path / "many"
     images.mkdir()
     pixels = photos.astronaut()[::8, ::8].copy()
-    for i in range(3 * FILES_PER_READ):  # three read tasks, so three actor outputs of 32 rows
+    for i in range(3 * FILES_PER_READ):  # three read tasks of 32 files, each cut into four actor calls
         (images / f"{i:03d}.png").write_bytes(encode(np.roll(pixels, i, axis=1), "PNG"))
     sizes = {}
     for rows in (0, 2 * FILES_PER_READ):
@@ -184,7 +184,7 @@ def test_rows_per_file_merges_actor_calls_into_larger_files(ray_cluster, tmp_pat
         assert run_label_job(job).ok == 3 * FILES_PER_READ
         files = (tmp_path / f"out-{rows}" / "data").glob("*.parquet")
         sizes[rows] = sorted(pq.read_metadata(path).num_rows for path in files)
-    assert sizes[0] == [FILES_PER_READ] * 3  # auto on CPUs: one file per actor call
+    assert sizes[0] == [8] * 12  # auto on CPUs: one file per actor call of batch_size rows
     assert sizes[2 * FILES_PER_READ] == [FILES_PER_READ, 2 * FILES_PER_READ]  # two calls merged, then the rest
 
 
@@ -374,6 +374,9 @@ def test_a_failed_run_records_no_shard(ray_cluster, tmp_path, tiny_checkpoint, m
     with pytest.raises(RuntimeError, match="stopped after writing"):
         run_label_job(job)
     assert read_output(job.output).num_rows == 2 and not (tmp_path / "out" / "_lgca" / "shards").exists()
+    (failed,) = Output(job.output).runs()  # recorded all the same, with what it wrote
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: stopped after writing"
+    assert failed["counts"]["ok"] == 2
     assert list((tmp_path / "out" / "_lgca" / "reading").iterdir()) == []  # its marks removed all the same
     monkeypatch.setattr(plan, "write", write)
     again = run_label_job(job)  # the shard is read again; its rows are in the output already
@@ -424,6 +427,57 @@ def test_bad_config_is_rejected_before_ray_starts(tmp_path, tiny_checkpoint, mon
     with pytest.raises(ConfigError, match=r"2 actor\(s\) of 1 CPUs leave none of this machine's 2 CPUs.*"
                                           r"--cpus-per-actor 0.5 or less"):
         run_label_job(make_job([folder], tmp_path / "o", tiny_checkpoint, resources=two_actors))
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_before_labelling_leaves_no_output_folder_it_created(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                           folder, stop):
+    import pipeline.distributed.job as job_module
+
+    def stopped(*args):
+        raise stop("stopped")
+
+    monkeypatch.setattr(job_module, "label_on_ray", stopped)
+    monkeypatch.setattr(job_module, "stop_ray", lambda: None)  # the session's Ray stays up for other tests
+    job = make_job([folder], tmp_path / "new" / "out", tiny_checkpoint)
+    with pytest.raises(job_module.Interrupted if stop is KeyboardInterrupt else RuntimeError) as info:
+        run_label_job(job)
+    if stop is KeyboardInterrupt:
+        assert str(info.value) == "interrupted after 0 images; rerun the same command to resume"
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()  # what the run made, and only that
+    (tmp_path / "kept").mkdir()  # an output folder made before: kept, with the run's record
+    with pytest.raises(BaseException):
+        run_label_job(replace(job, output=str(tmp_path / "kept")))
+    (record,) = Output(str(tmp_path / "kept")).runs()
+    assert record["counts"] == {"ok": 0, "error": 0, "skipped": 0, "skipped_shards": 0}
+    assert record["status"] == ("interrupted" if stop is KeyboardInterrupt else "failed")
+    assert record["error"] == (None if stop is KeyboardInterrupt else "RuntimeError: stopped")
+
+
+def test_an_interrupted_run_is_recorded_with_the_rows_it_wrote(tmp_path, tiny_checkpoint, monkeypatch, folder):
+    import pipeline.distributed.job as job_module
+    from pipeline.data.rows import error_table
+
+    def label_some(run, *args):
+        table = error_table(["a", "b"], ["a", "b"], ["decode: x", "read: y"], [0, 0], [0, 0], run.run_id)
+        (tmp_path / "out" / "data").mkdir(parents=True)
+        pq.write_table(table, tmp_path / "out" / "data" / f"{run.run_id}_w_000000-0.parquet")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_module, "label_on_ray", label_some)
+    monkeypatch.setattr(job_module, "stop_ray", lambda: None)
+    with pytest.raises(job_module.Interrupted, match="^interrupted after 2 images; rerun the same command"):
+        run_label_job(make_job([folder], tmp_path / "out", tiny_checkpoint))
+    (record,) = Output(str(tmp_path / "out")).runs()
+    assert record["status"] == "interrupted" and record["counts"]["error"] == 2
+    assert record["error_reasons"] == {"decode": 1, "read": 1}
+
+
+def test_an_output_that_is_a_file_is_refused_before_ray_starts(tmp_path, tiny_checkpoint, folder):
+    (tmp_path / "labels").write_text("a file")
+    with pytest.raises(OutputError, match="labels is a file; give a folder"):
+        run_label_job(make_job([folder], tmp_path / "labels", tiny_checkpoint))
+    assert (tmp_path / "labels").read_text() == "a file"
 
 
 def test_a_store_error_while_recording_shards_is_logged_not_raised(tmp_path, tiny_checkpoint, caplog):

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch
 from pipeline.config import ConfigError, ModelConfig, StorageConfig
 from pipeline.method.crops import Preprocess
 from pipeline.model.checkpoints import checkpoint_cache_path
-from pipeline.model.loading import (BUILTIN_CONFIG_DIR, INIT_FUNCTIONS, check_weights, load_model,
-                                    model_input_size, register_builtin_configs, resolve_device,
+from pipeline.model.loading import (BUILTIN_CONFIG_DIR, INIT_FUNCTIONS, RandomWeightsWarning, check_weights,
+                                    load_model, model_input_size, register_builtin_configs, resolve_device,
                                     resolve_model_name)
 from pipeline.storage import file_version, filesystem
 from tests.support import s3_client
@@ -215,12 +216,38 @@ def test_open_clip_names_resolve():
     assert model_input_size("ViT-B-32") == open_clip.get_model_config("ViT-B-32")["vision_cfg"]["image_size"]
 
 
-def test_unknown_model_lists_names():
+def test_unknown_model_offers_a_short_did_you_mean_not_every_name():
     with pytest.raises(ConfigError, match="not found") as info:
         resolve_model_name("lgca-tiney")
     message = str(info.value)
-    assert "did you mean: lgca-tiny" in message
-    assert "available:" in message and "ViT-B-32" in message
+    assert "did you mean lgca-tiny?" in message
+    assert f"open_clip knows {len(open_clip.list_models())} models" in message
+    assert "open_clip.list_models()" in message  # how to see them all, instead of all of them
+    assert "ViT-B-32" not in message and len(message) < 300
+    with pytest.raises(ConfigError) as info:
+        resolve_model_name("ViT-B-33")
+    close = str(info.value).split("did you mean ")[1].split("?")[0].split(", ")
+    assert "ViT-B-32" in close and 1 <= len(close) <= 5
+
+
+def test_random_weights_are_seeded_the_same_in_every_load(tmp_path):
+    torch.manual_seed(1)
+    with pytest.warns(RandomWeightsWarning, match="seed 0"):
+        first = load_model(tiny_config(tmp_path)).model.state_dict()
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    with pytest.warns(RandomWeightsWarning):
+        second = load_model(tiny_config(tmp_path)).model.state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_first)  # the caller's random state is left as it was
+
+
+def test_random_weights_are_announced_once(tmp_path, caplog):
+    with pytest.warns(RandomWeightsWarning) as warned:
+        load_model(tiny_config(tmp_path))
+    assert len(warned) == 1
+    assert "No pretrained weights loaded" not in caplog.text  # open_clip's own line would say it again
 
 
 def test_s3_checkpoint_is_fetched_once(tmp_path, checkpoint, s3_bucket):
@@ -276,6 +303,19 @@ def test_file_uri_checkpoint_replaced_with_same_size_is_fetched_again(tmp_path, 
     loaded = load_model(config)
     assert_same_weights(loaded.model, retrained)
     assert loaded.checkpoint.read_bytes() == path.read_bytes()
+
+
+def test_a_safetensors_checkpoint_is_checked_on_the_driver_and_loaded(tmp_path, checkpoint):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(checkpoint.state_dict, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one warning per tensor from the meta-device check
+        assert check_weights(tiny_config(tmp_path, pretrained=str(path))) == TINY
+    assert_same_weights(load_model(tiny_config(tmp_path, pretrained=str(path))).model, checkpoint.state_dict)
+    with pytest.raises(ConfigError, match="does not fit model 'ViT-B-32'"):
+        check_weights(ModelConfig(name="ViT-B-32", pretrained=str(path), device="cpu"))
 
 
 def test_missing_local_checkpoint_names_the_path(tmp_path):
