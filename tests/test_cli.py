@@ -144,7 +144,7 @@ def test_every_option_of_every_command_shows_its_default_in_help():
                 continue  # flags (off unless given) and options without a default
             assert "default" in action.help.lower(), (name, action.option_strings)
     help_of = {name: sub.format_help() for name, sub in parsers.items()}
-    assert "threads reading and decoding ahead (default: 4)" in " ".join(help_of["eval"].split())
+    assert "threads reading and decoding ahead, one batch each (default: 4)" in " ".join(help_of["eval"].split())
     assert "rows a printed table shows at most (default: 100)" in " ".join(help_of["query"].split())
     label = " ".join(help_of["label"].split())
     assert "(default: 'ViT-B-32')" in label and "(default: 'openai')" in label
