@@ -131,13 +131,14 @@ def read_ahead(read: Callable[[T], Any], items: Iterable[T], threads: int) -> It
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def open_output(uri: str, storage: StorageConfig, mode: str = "wb") -> Any:
-    """Open a file (local path or fsspec URI) for writing, creating its folder: the one way
-    this package writes a file that is not a data file (JSON records, reports, pictures)."""
+def open_output(uri: str, storage: StorageConfig, mode: str = "wb", **options: Any) -> Any:
+    """Open a file (local path or fsspec URI) for writing, creating its folder: how this package
+    writes a file that is not a data file as it goes (reports, pictures, exports; see
+    :func:`write_whole` for records that must never be seen cut). ``options`` go to ``fs.open``."""
     fs, path = filesystem(uri, storage)
     if "/" in path:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    return fs.open(path, mode)
+    return fs.open(path, mode, **options)
 
 
 # -- what travels to Ray workers ------------------------------------------------------------

@@ -22,7 +22,6 @@ to the panel. Drawing uses Pillow's ImageDraw and its default font only.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.method.engine import BatchScores, Engine, ImageInput
 from pipeline.model.classes import load_class_set
 from pipeline.options import SCORING_FLAGS, add_option_arguments, given_options
-from pipeline.storage import filesystem, full_uri
+from pipeline.storage import filesystem, full_uri, open_output
 
 EXPANDED_COLOUR = (255, 0, 255)  # boxes expanded at the panel's step; no heat colour is pure magenta
 EXPANDED_WIDTH = 3  # outline width of expanded boxes, drawn inside the box
@@ -243,12 +242,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TextConfig, ModelConfig
 
 
 def save_png(picture: Image.Image, target: str, storage: StorageConfig) -> None:
-    """Write ``picture`` as PNG to a local path or fsspec URL."""
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    fs, path = filesystem(target, storage)
-    with fs.open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    """Write ``picture`` as PNG to a local path or fsspec URL (folders created)."""
+    with open_output(target, storage) as handle:
+        picture.save(handle, format="PNG")
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -32,9 +32,9 @@ import duckdb
 from pipeline.config import QueryError, StorageConfig
 from pipeline.data.labels import connect
 from pipeline.data.output import Output
-from pipeline.data.review import SELECTED_VIEW, Band, Provenance, provenance, select_rows
+from pipeline.data.review import Band, Provenance, SELECTED_VIEW, provenance, select_rows
 from pipeline.options import STORAGE_FLAGS, add_option_arguments, given_options
-from pipeline.storage import filesystem
+from pipeline.storage import filesystem, open_output
 
 FORMATS = ("labelstudio", "fiftyone", "csv")
 COLUMNS = ("id", "uri", "label", "score", "margin", "runner_up", "clip_label", "cupl_label", "wca_label", "run_id")
@@ -166,14 +166,10 @@ def export(output: str, fmt: str, target: str, storage: StorageConfig, where: st
         select_rows(con, where, band)
         source = provenance(output, storage, Output(output, storage).runs())
         classes = class_names(con, source)
-        fs, root = filesystem(target, storage)
         image = ImageReference(storage, presign)
 
         def open_file(name: str) -> TextIO:
-            path = f"{root.rstrip('/')}/{name}" if name else root
-            if "/" in path:
-                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            return fs.open(path, "w", encoding="utf-8", newline="")
+            return open_output(f"{target.rstrip('/')}/{name}" if name else target, storage, "w", newline="")
 
         count = WRITERS[fmt](review_rows(con), open_file, image, source, classes)
     except duckdb.Error as exc:

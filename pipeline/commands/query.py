@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import QueryError, StorageConfig
 from pipeline.data.labels import LABELS_VIEW, connect, run_sql
@@ -24,7 +23,7 @@ from pipeline.data.output import Output
 from pipeline.data.review import provenance
 from pipeline.data.rows import ERROR_REASON_SQL
 from pipeline.options import add_option_arguments, given_options
-from pipeline.storage import filesystem
+from pipeline.storage import open_output
 
 RESULT_VIEW = "lgca_result"
 SUMMARY_TABLE = "lgca_summary"  # summarize's one-scan aggregate
@@ -93,11 +92,8 @@ def _deliver(local: str, target: str, storage: StorageConfig) -> None:
         with open(local, encoding="utf-8") as handle:
             shutil.copyfileobj(handle, sys.stdout)
         return
-    fs, path = filesystem(target, storage)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent and isinstance(fs, LocalFileSystem):
-        fs.makedirs(parent, exist_ok=True)
-    fs.put_file(local, path)
+    with open(local, "rb") as source, open_output(target, storage) as handle:
+        shutil.copyfileobj(source, handle)
 
 
 @dataclass(frozen=True)
