@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ModelConfig, ScoringParams, StorageConfig
 from pipeline.data.decode import OUTPUT_COLUMNS, error_message, pixels_array
 from pipeline.data.rows import SCHEMA, error_table, scored_table
-from pipeline.method.engine import Engine, ImageInput
+from pipeline.method.engine import Engine, ImageInput, score_apart
 from pipeline.model.classes import ClassSet
 from pipeline.model.loading import load_model
 
@@ -73,21 +73,19 @@ class LabelActor:
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
     def _score(self, rows: dict[str, list], index: list[int]) -> pa.Table:
-        """Score rows ``index`` together; if the batch fails, score one by one to isolate the culprit."""
+        """Score rows ``index`` together; if the batch fails, one by one (:func:`score_apart`)."""
         images = [ImageInput(rows["id"][i], pixels_array(rows["pixels"][i], rows["work_h"][i], rows["work_w"][i]),
                              rows["height"][i], rows["width"][i]) for i in index]
-        try:
-            scores = self.engine.score(images)
-        except (RuntimeError, ValueError) as exc:
-            if len(index) == 1:
-                return self._errors(rows, index, [f"score: {type(exc).__name__}: {exc}"])
-            log.warning("batch of %d failed (%s); scoring its images one by one", len(index), exc)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return pa.concat_tables([self._score(rows, [i]) for i in index])
-        return scored_table([rows["id"][i] for i in index], [rows["uri"][i] for i in index],
-                            [rows["width"][i] for i in index], [rows["height"][i] for i in index],
-                            scores, self.names, self.scoring.method, self.scoring.top_k, self.run_id)
+        tables = []
+        for members, scores, error in score_apart(self.engine.score, images):
+            picked = [index[m] for m in members]
+            if error is not None:
+                tables.append(self._errors(rows, picked, [error]))
+                continue
+            tables.append(scored_table([rows["id"][i] for i in picked], [rows["uri"][i] for i in picked],
+                                       [rows["width"][i] for i in picked], [rows["height"][i] for i in picked],
+                                       scores, self.names, self.scoring.method, self.scoring.top_k, self.run_id))
+        return pa.concat_tables(tables)
 
     def _errors(self, rows: dict[str, list], index: list[int], errors: list[str]) -> pa.Table:
         return error_table([rows["id"][i] for i in index], [rows["uri"][i] for i in index], errors,
