@@ -283,6 +283,28 @@ class ResourceConfig:
         return AUTO_ROWS_PER_FILE_GPU if self.gpus_per_actor > 0 else self.batch_size
 
 
+STATE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class StatesConfig:
+    """Whether ``lgca label`` keeps each ok image's states (k_0, p_0..p_T) in its rows, for
+    ``lgca relabel`` and ``lgca search`` (docs/output-schema.md)."""
+
+    keep: str = option("keep each image's states (k_0, p_0..p_T) for lgca relabel and lgca search: keep or none",
+                       "keep", flag="states")
+    dtype: str = option("the kept states' number type: float16 (about 5 KB per image for ViT-B-32) or float32",
+                        "float16", flag="state-dtype")
+
+    def __post_init__(self) -> None:
+        _require(self.keep in ("keep", "none"), "states", f"{self.keep!r} is not 'keep' or 'none'")
+        _require(self.dtype in STATE_DTYPES, "state_dtype", f"{self.dtype!r} is not one of {', '.join(STATE_DTYPES)}")
+
+    @property
+    def kept(self) -> bool:
+        return self.keep == "keep"
+
+
 @dataclass(frozen=True)
 class LabelJob:
     """Everything one ``lgca label`` run needs, validated as a whole before Ray starts."""
@@ -294,6 +316,7 @@ class LabelJob:
     scoring: ScoringParams = ScoringParams()
     resources: ResourceConfig = ResourceConfig()
     storage: StorageConfig = StorageConfig()
+    states: StatesConfig = StatesConfig()
     overwrite: bool = option("relabel everything, replacing the existing output", False)
     address: str = option("Ray address; '' = RAY_ADDRESS, else a new local Ray", "")
     name: str = option("job name, the start of its submission ids", "lgca-label")

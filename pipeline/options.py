@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
-                             StorageConfig, TextConfig)
+                             StatesConfig, StorageConfig, TextConfig)
 from pipeline.storage import filesystem
 
 
@@ -201,7 +201,8 @@ def parse_actors(value: str) -> tuple[int, int]:
 def build_job(options: dict[str, Any]) -> LabelJob:
     """Build and validate a :class:`LabelJob` from merged options (flag names as keys)."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in
-                                           ("inputs", "text", "model", "scoring", "resources", "storage", "")}
+                                           ("inputs", "text", "model", "scoring", "resources", "storage", "states",
+                                            "")}
     for flag, value in options.items():
         option = BY_KEY.get(flag)
         if option is None:
@@ -219,7 +220,7 @@ def build_job(options: dict[str, Any]) -> LabelJob:
         inputs=InputConfig(**sections["inputs"]), output=top.pop("output"),
         text=TextConfig(**sections["text"]), model=ModelConfig(**sections["model"]),
         scoring=ScoringParams(**sections["scoring"]), resources=ResourceConfig(**sections["resources"]),
-        storage=StorageConfig(**sections["storage"]), **top)
+        storage=StorageConfig(**sections["storage"]), states=StatesConfig(**sections["states"]), **top)
 
 
 def job_from_args(args: argparse.Namespace) -> LabelJob:

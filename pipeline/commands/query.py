@@ -20,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import QueryError, StorageConfig
 from pipeline.data.labels import LABELS_VIEW, connect, run_sql
-from pipeline.data.output import Output
+from pipeline.data.output import Output, manifest_form
 from pipeline.data.rows import ERROR_REASON_SQL
 from pipeline.options import add_option_arguments, given_options
 from pipeline.storage import filesystem
@@ -176,7 +176,7 @@ def summary_table(con: duckdb.DuckDBPyConnection, margin: float, methods: tuple[
 def output_method(output: str, storage: StorageConfig, runs: list[dict[str, Any]]) -> str | None:
     """The scoring method of the output's rows: from the manifest, else from the latest run."""
     manifest = Output(output, storage).read_manifest() or {}
-    method = manifest.get("scoring", {}).get("method")
+    method = manifest_form(manifest).get("text", {}).get("method")
     if method is None and runs:
         method = runs[-1].get("scoring", {}).get("method")
     return method

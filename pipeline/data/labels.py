@@ -1,4 +1,5 @@
-"""An output's rows as one lazily read table: a pyarrow dataset, and DuckDB's view ``labels``.
+"""An output's rows as one lazily read table: a pyarrow dataset, and DuckDB's views ``labels``
+(every column but the image states) and ``labels_with_states`` (every column).
 
 The Parquet files under ``OUTPUT/data`` are opened through fsspec (the filesystem the
 pipeline writes with, so local folders and ``s3://`` work alike) and registered with DuckDB,
@@ -16,9 +17,11 @@ import pyarrow.fs as pafs
 from pipeline.config import QueryError, StorageConfig
 from pipeline.data.output import Output
 from pipeline.data.rows import SCHEMA
+from pipeline.data.states import STATE_COLUMNS
 from pipeline.storage import filesystem
 
 LABELS_VIEW = "labels"
+STATES_VIEW = "labels_with_states"
 
 
 def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
@@ -36,9 +39,12 @@ def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
 
 
 def connect(output: str, storage: StorageConfig) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the output's rows as the view ``labels``."""
+    """An in-memory DuckDB connection with the output's rows as the views ``labels`` (without
+    the image states: ``SELECT *`` stays readable and light) and ``labels_with_states``. An
+    output written before states were kept reads them as null."""
     con = duckdb.connect()
-    con.register(LABELS_VIEW, labels_dataset(output, storage))
+    con.register(STATES_VIEW, labels_dataset(output, storage))
+    con.execute(f"CREATE VIEW {LABELS_VIEW} AS SELECT * EXCLUDE ({', '.join(STATE_COLUMNS)}) FROM {STATES_VIEW}")
     return con
 
 

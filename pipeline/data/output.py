@@ -127,6 +127,55 @@ def _read_each(fs: Any, paths: Sequence[str], read: Callable[[Any, str], T], the
         yield values
 
 
+# The manifest's two sides (docs/output-schema.md): what the image states depend on, and what
+# only the text side does (relabel may change those without encoding an image again).
+IMAGE_SETTINGS = ("crops", "alpha", "beta", "lambda_v", "steps", "expand_top", "expand_ratio", "seed")
+TEXT_SETTINGS = ("method", "lambda_t", "aggregation", "top_k")
+
+
+def make_manifest(model: str, pretrained: str, scoring: dict[str, Any], digests: dict[str, str],
+                  states: dict[str, Any] | None, source: str = "") -> dict[str, Any]:
+    """What every row of an output depends on: ``image`` (model, weights, N, alpha, beta,
+    lambda_v, T, K, r, seed), ``text`` (method, lambda_t, aggregation, top-k and the digests of
+    the classes, descriptions and templates), ``states`` (the kept states' dtype, dim and steps,
+    or None) and, for ``lgca relabel`` outputs, the ``source`` output they were scored from."""
+    manifest = {"image": {"model": model, "pretrained": pretrained, **{k: scoring[k] for k in IMAGE_SETTINGS}},
+                "text": {**{k: scoring[k] for k in TEXT_SETTINGS}, **digests}, "states": states}
+    if source:
+        manifest["source"] = source
+    return manifest
+
+
+def manifest_form(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` in the form of :func:`make_manifest`. The earlier flat form (model, pretrained,
+    scoring, text digests) is read into its two sides, without ``states``: its rows hold none."""
+    if "scoring" not in manifest:
+        return manifest
+    scoring = manifest["scoring"]
+    image = {"model": manifest.get("model"), "pretrained": manifest.get("pretrained"),
+             **{k: scoring[k] for k in IMAGE_SETTINGS if k in scoring}}
+    return {"image": image, "text": {**{k: scoring[k] for k in TEXT_SETTINGS if k in scoring},
+                                     **manifest.get("text", {})}}
+
+
+def manifest_changes(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``side.key: old -> new`` for every setting that differs between two manifests (either
+    form). ``states`` counts only where the existing manifest records it: an output written
+    before states were kept accepts a run that keeps them (its older rows just have none)."""
+    old, new = manifest_form(existing), manifest_form(wanted)
+    changes = []
+    for side in ("image", "text", "states", "source"):
+        if side == "states" and side not in old:
+            continue
+        before, after = old.get(side), new.get(side)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += [f"{side}.{k}: {before.get(k)!r} -> {after.get(k)!r}"
+                        for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        elif before != after:
+            changes.append(f"{side}: {before!r} -> {after!r}")
+    return changes
+
+
 @dataclass(frozen=True)
 class ShardMarks:
     """One run's proof that a shard was read to its end.
@@ -260,14 +309,14 @@ class Output:
 
     def check_manifest(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Refuse to add rows scored differently from the output's existing rows (unless
-        ``overwrite``: :meth:`start` then removes them). Changes nothing."""
+        ``overwrite``: :meth:`start` then removes them). Changes nothing. A manifest of the
+        earlier flat form is compared in the current form (:func:`manifest_changes`)."""
         existing = self.read_manifest()
         labelled = existing is not None and bool(self.data_files())
-        if labelled and existing != fingerprint and not overwrite:
-            changed = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-            details = "; ".join(f"{k}: {existing.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+        changes = manifest_changes(existing, fingerprint) if labelled else []
+        if changes and not overwrite:
             raise ConfigError(
-                f"output: {self.root} was labelled with other settings ({details}). Use a new --output, "
+                f"output: {self.root} was labelled with other settings ({'; '.join(changes)}). Use a new --output, "
                 "or pass --overwrite to relabel everything")
 
     def start(self, fingerprint: dict[str, Any], overwrite: bool) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from pipeline.config import ModelConfig, ScoringParams, StorageConfig
+from pipeline.config import ModelConfig, ScoringParams, StatesConfig, StorageConfig
 from pipeline.data.decode import OUTPUT_COLUMNS, error_message, pixels_array
 from pipeline.data.rows import SCHEMA, error_table, scored_table
 from pipeline.method.engine import Engine, ImageInput, score_apart
@@ -44,7 +44,8 @@ class LabelActor:
     """Holds one model and its :class:`~pipeline.method.engine.Engine` for the actor's lifetime."""
 
     def __init__(self, model: ModelConfig, classes: ClassSet, scoring: ScoringParams,
-                 storage: StorageConfig, run_id: str, batch_size: int, threads: int = 0):
+                 storage: StorageConfig, run_id: str, batch_size: int, threads: int = 0,
+                 states: StatesConfig = StatesConfig()):
         worker_logging()
         if threads:  # else torch keeps Ray's OMP_NUM_THREADS, the actor's CPU reservation
             torch.set_num_threads(threads)
@@ -55,6 +56,7 @@ class LabelActor:
         self.scoring = scoring
         self.run_id = run_id
         self.batch_size = batch_size  # images per engine call, whatever size the blocks arriving here
+        self.state_dtype = states.dtype if states.kept else ""  # '': the rows keep no states
         self.engine = Engine.for_classes(loaded, classes, scoring)
         log.info("model %s (%s) on %s in %s loaded in %.1f s; text bank of %d classes in %.1f s",
                  loaded.name, model.pretrained, loaded.device, model.precision, loaded_at - clock,
@@ -84,7 +86,8 @@ class LabelActor:
                 continue
             tables.append(scored_table([rows["id"][i] for i in picked], [rows["uri"][i] for i in picked],
                                        [rows["width"][i] for i in picked], [rows["height"][i] for i in picked],
-                                       scores, self.names, self.scoring.method, self.scoring.top_k, self.run_id))
+                                       scores, self.names, self.scoring.method, self.scoring.top_k, self.run_id,
+                                       self.state_dtype))
         return pa.concat_tables(tables)
 
     def _errors(self, rows: dict[str, list], index: list[int], errors: list[str]) -> pa.Table:

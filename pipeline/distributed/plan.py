@@ -17,6 +17,7 @@ from ray.data.datasource import FilenameProvider
 from pipeline.config import LabelJob
 from pipeline.data.decode import DecodeLimits, decode_batch
 from pipeline.data.output import IdSet, Output, ShardMarks
+from pipeline.data.rows import parquet_options
 from pipeline.data.sources import iter_parquet_rows, iter_tar_members, read_files_batch
 from pipeline.model.classes import ClassSet
 from pipeline.storage import filesystem
@@ -148,7 +149,7 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: IdSet, run_id:
         compute=ray.data.ActorPoolStrategy(min_size=res.actors_min, max_size=res.actors_max),
         fn_constructor_kwargs={"model": job.model, "classes": classes, "scoring": scoring,
                                "storage": job.storage, "run_id": run_id, "batch_size": res.batch_size,
-                               "threads": res.threads_per_actor},
+                               "threads": res.threads_per_actor, "states": job.states},
         num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, scheduling_strategy="DEFAULT", **remote)
 
 
@@ -158,5 +159,5 @@ def write(dataset: ray.data.Dataset, output: Output, job: LabelJob, run_id: str)
     fs.makedirs(path, exist_ok=True)
     dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
                           filename_provider=RunFiles(run_id), min_rows_per_file=job.resources.file_rows,
-                          ray_remote_args=worker_env())
+                          ray_remote_args=worker_env(), **parquet_options())
 

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from pipeline import cli
-from pipeline.commands.submit import submit
+from pipeline.commands import submit
 from pipeline.config import ConfigError
 from pipeline.options import build_job, read_job_file
 from tests.support import free_port
@@ -177,7 +177,7 @@ def test_default_working_dir_is_the_project_root(tmp_path, tiny_checkpoint):
     spec = tiny_spec(tmp_path, tiny_checkpoint, "pets", tmp_path / "img", tmp_path / "out")
     job = submit.build_submission(str(spec), "1", "", False, 0.0, {})
     root = Path(job.runtime_env["working_dir"])
-    assert (root / "pipeline" / "submit.py").is_file() and (root / "pyproject.toml").is_file()
+    assert (root / "pipeline" / "commands" / "submit.py").is_file() and (root / "pyproject.toml").is_file()
 
 
 @pytest.mark.parametrize("model, pretrained, message", [

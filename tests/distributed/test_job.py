@@ -113,7 +113,7 @@ def engine_scores(job: LabelJob, payloads: dict[str, bytes]) -> dict[str, tuple[
         decoded = decode_image(payload, limits)
         scores = engine.score([ImageInput(image_id, decoded.pixels, decoded.height, decoded.width)])
         top = scores.lgca[0].topk(job.scoring.top_k)
-        out[image_id] = (classes.names[int(top.indices[0])], top.values.numpy())
+        out[image_id] = (classes.names[int(top.indices[0])], top.values.numpy(), scores.states)
     return out
 
 
@@ -137,11 +137,17 @@ def test_labels_scores_and_error_rows(ray_cluster, folder, tmp_path, tiny_checkp
     assert summary.error_reasons == {"empty file": 1, "decode": 3, "too large": 1}
     # the pipeline's labels and scores equal the engine's on the same images and seed
     good = {p: open(p, "rb").read() for p in files if p.rsplit("/", 1)[-1] not in bad}
-    for image_id, (label, top_scores) in engine_scores(job, good).items():
+    for image_id, (label, top_scores, states) in engine_scores(job, good).items():
         row = rows[image_id]
         assert row["label"] == label
         np.testing.assert_allclose(row["topk_scores"], top_scores, atol=1e-5)
         assert row["score"] == pytest.approx(float(top_scores[0]), abs=1e-5)
+        # and the rows keep the engine's image states, k_0 and p_0..p_T, in float16
+        np.testing.assert_allclose(np.frombuffer(row["state_full"], "<f2"), states.full[0].numpy(), atol=1e-3)
+        np.testing.assert_allclose(np.frombuffer(row["state_steps"], "<f2").reshape(3, -1),
+                                   states.pooled[:, 0].numpy(), atol=1e-3)
+    assert all(row["state_full"] is None and row["state_steps"] is None
+               for row in rows.values() if row["status"] == "error")
     rotated = rows[str(folder / "nested" / "rotated.jpg")]
     assert (rotated["width"], rotated["height"]) == (427, 640)  # rocket is 640x427, turned
     steps = rotated["steps"]
@@ -163,7 +169,9 @@ def test_run_metadata_records_the_run(ray_cluster, folder, tmp_path, tiny_checkp
     assert meta["versions"]["torch"] == torch.__version__.split("+")[0]
     assert meta["started_at"] <= meta["finished_at"]
     manifest = json.loads((tmp_path / "out" / "_lgca" / "manifest.json").read_text())
-    assert manifest["model"] == "lgca-tiny" and manifest["scoring"]["steps"] == 2
+    assert manifest["image"]["model"] == "lgca-tiny" and manifest["image"]["steps"] == 2
+    assert manifest["text"]["method"] == "lgca" and manifest["states"] == {"dtype": "float16", "dim": 64, "steps": 3}
+    assert meta["states"] == {"keep": "keep", "dtype": "float16"}
 
 
 def test_rows_per_file_merges_actor_calls_into_larger_files(ray_cluster, tmp_path, tiny_checkpoint):
