@@ -83,32 +83,33 @@ class DecodedColumn:
     missing: np.ndarray
 
 
-def decode_column(column: pa.Array | pa.ChunkedArray, spec: StateSpec, name: str) -> DecodedColumn:
-    """Decode one state column of a table (see :class:`DecodedColumn`). The values of the good
-    rows are read in place when they lie back to back (as written), else gathered."""
+def decode_column(column: pa.Array | pa.ChunkedArray, values: int, dtype: str) -> DecodedColumn:
+    """Decode a binary column of ``values`` numbers of ``dtype`` a row (see :class:`DecodedColumn`).
+    The values of the good rows are read in place when they lie back to back (as written), else
+    gathered."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if column.type == pa.null():
         column = pa.nulls(len(column), pa.binary())
-    dtype, width = np.dtype(STATE_DTYPES[spec.dtype]), spec.row_bytes(name)
+    kind = np.dtype(STATE_DTYPES[dtype])
+    width = values * kind.itemsize
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     if len(column) == 0 or not valid.any():
-        empty = np.zeros((0, spec.values(name)), dtype)
-        return DecodedColumn(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.flatnonzero(~valid))
+        return DecodedColumn(np.zeros((0, values), kind), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                             np.flatnonzero(~valid))
     wide = pa.types.is_large_binary(column.type)  # Ray widens a file's column past 2 GiB of bytes
     offsets = np.frombuffer(column.buffers()[1], np.int64 if wide else np.int32)[
         column.offset:column.offset + len(column) + 1]
-    lengths = np.diff(offsets)
-    good = valid & (lengths == width)
+    good = valid & (np.diff(offsets) == width)
     rows = np.flatnonzero(good)
-    data = np.frombuffer(column.buffers()[2], np.uint8)
+    data = np.frombuffer(column.buffers()[2], np.uint8) if column.buffers()[2] is not None else np.zeros(0, np.uint8)
     starts = offsets[:-1][rows].astype(np.int64)
-    if len(rows) and starts[-1] - starts[0] == (len(rows) - 1) * width:
-        raw = data[starts[0]:starts[0] + len(rows) * width]
+    if not len(rows) or starts[-1] - starts[0] == (len(rows) - 1) * width:
+        raw = data[starts[0] if len(rows) else 0:][:len(rows) * width]
     else:
         raw = data[(starts[:, None] + np.arange(width)).reshape(-1)]
-    values = raw.view(dtype).reshape(len(rows), spec.values(name))
-    return DecodedColumn(values, rows, np.flatnonzero(valid & ~good), np.flatnonzero(~valid))
+    return DecodedColumn(raw.view(kind).reshape(len(rows), values), rows, np.flatnonzero(valid & ~good),
+                         np.flatnonzero(~valid))
 
 
 def as_float32(values: np.ndarray) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pipeline.data.output as sink
 from pipeline.config import ConfigError, OutputError, StorageConfig
 from pipeline.data.output import IdSet, Output, id_digests, make_manifest, shard_key
 from pipeline.data.rows import SCHEMA, error_table, parquet_options, scored_table
-from pipeline.data.states import StateSpec, decode_column
+from pipeline.data.states import decode_column
 from pipeline.method.engine import BatchScores, ImageStates
 
 NAMES = ["cat", "dog", "owl"]
@@ -65,9 +65,8 @@ def test_scored_rows_hold_the_labels_scores_and_steps():
 def test_scored_rows_keep_the_image_states_in_the_state_dtype(dtype):
     scores = batch_scores()
     table = scored_table(["a", "b"], ["u/a", "u/b"], [640, 10], [480, 10], scores, NAMES, "lgca", 2, "r", dtype)
-    spec = StateSpec(dtype, dim=4, steps=2)
-    full = decode_column(table.column("state_full"), spec, "state_full")
-    steps = decode_column(table.column("state_steps"), spec, "state_steps")
+    full = decode_column(table.column("state_full"), 4, dtype)
+    steps = decode_column(table.column("state_steps"), 8, dtype)
     assert full.rows.tolist() == steps.rows.tolist() == [0, 1]
     np.testing.assert_array_equal(full.values, scores.states.full.numpy().astype(dtype))
     stored = scores.states.pooled.permute(1, 0, 2).reshape(2, 8).numpy().astype(dtype)  # p_0 then p_1

@@ -1,0 +1,137 @@
+"""An output's stored image states read back, file by file: the rows ``lgca relabel`` scores.
+
+Ray-free (pyarrow and numpy): a relabel's read tasks call :func:`read_source_file` on each
+data file of the source. Every row of a file comes out once: an ok row with its states, or an
+error row saying why it cannot be scored (the source's own error, no states kept, states of
+the wrong length, a row group whose states cannot be read). Only a file whose ids cannot be
+read at all raises (its rows are unknown: it is read again by the next run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.data.output import IdSet
+from pipeline.data.states import STATE_COLUMNS, StateSpec, binary_rows, decode_column
+
+ROW_COLUMNS = ("id", "uri", "status", "error", "width", "height")
+BOXES_PATH = "steps.list.element.expanded_boxes"
+# The rows a read task hands to the scoring tasks: the state columns as stored; `grown` holds
+# the boxes expanded at steps 1..T' of each row (T'*K*4 float32), for lgca relabels.
+SOURCE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("width", pa.int32()),
+                           ("height", pa.int32()), ("error", pa.string()), ("state_full", pa.binary()),
+                           ("state_steps", pa.binary()), ("grown", pa.binary())])
+NO_STATES = ("states: none kept for this image in the source (labelled before lgca label kept states); "
+             "label it again (lgca label into a new output) to relabel it")
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """What a relabel needs of each source row: the states of ``spec``, ``pooled`` of its pooled
+    vectors (0: clip/cupl, 1: wca, T'+1: lgca) and, for lgca, the boxes of steps 1..``steps``
+    (T' <= the source's T = ``spec.steps - 1``) of ``expand_top`` (K) boxes each."""
+
+    spec: StateSpec
+    pooled: int
+    steps: int = 0
+    expand_top: int = 0
+
+
+def read_source_file(fs: Any, path: str, read: SourceRead, done: IdSet | None = None) -> Iterator[pa.Table]:
+    """The rows of one source data file (SOURCE_SCHEMA), a row group at a time, without the ids in
+    ``done``. A file whose ids cannot be read raises (pyarrow's error or OSError)."""
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        names = set(parquet.schema_arrow.names)
+        for group in range(parquet.num_row_groups):
+            rows = parquet.read_row_group(group, columns=list(ROW_COLUMNS))
+            keep = None if done is None or not len(done) else ~done.contains(rows.column("id").to_pylist())
+            if keep is not None:
+                rows = rows.filter(pa.array(keep))
+            if rows.num_rows:
+                yield _group_rows(parquet, group, rows, keep, read, names, path)
+
+
+def _group_rows(parquet: pq.ParquetFile, group: int, rows: pa.Table, keep: np.ndarray | None,
+                read: SourceRead, names: set[str], path: str) -> pa.Table:
+    """One row group's rows in SOURCE_SCHEMA; its states read now, or an error for every ok row."""
+    wanted = [c for c in STATE_COLUMNS if c in names] + ([BOXES_PATH] if read.steps and "steps" in names else [])
+    stored = {}
+    if wanted:  # an output written before states were kept has none of these columns
+        try:
+            table = parquet.read_row_group(group, columns=wanted)
+        except (pa.ArrowException, OSError) as exc:
+            return source_table(rows, {}, np.full(rows.num_rows, f"states: cannot read them from {path} "
+                                                  f"({type(exc).__name__}: {exc})", object))
+        table = table.filter(pa.array(keep)) if keep is not None else table
+        stored = {name: table.column(name) for name in table.column_names}
+    columns, problems = check_states(stored, rows.num_rows, read)
+    return source_table(rows, columns, problems)
+
+
+def check_states(stored: dict[str, pa.ChunkedArray], count: int,
+                 read: SourceRead) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """The state columns a relabel needs of the ``count`` rows ``stored`` (and ``grown``), and per
+    row the reason it cannot be scored (None where it can): no states kept, or states of the
+    wrong length."""
+    problems = np.full(count, None, object)
+    spec, columns = read.spec, {}
+    for name, values in (("state_full", spec.dim), ("state_steps", spec.steps * spec.dim)):
+        if name == "state_steps" and not read.pooled:
+            continue
+        column = stored.get(name, pa.nulls(count, pa.binary()))
+        decoded = decode_column(column, values, spec.dtype)
+        problems[decoded.missing] = NO_STATES
+        problems[decoded.wrong] = (f"states: {name} does not hold the {values} {spec.dtype} values of the source's "
+                                   "manifest (a row not written with its settings)")
+        columns[name] = column
+    if read.steps:
+        grown, bad = expanded_boxes(stored.get("steps"), count, read)
+        problems[bad & np.equal(problems, None)] = "states: the row's steps do not hold T steps of K expanded boxes"
+        columns["grown"] = grown
+    return columns, problems
+
+
+def expanded_boxes(column: pa.ChunkedArray | None, count: int, read: SourceRead) -> tuple[pa.Array, np.ndarray]:
+    """Per row, the boxes expanded at steps 1..T' from its ``steps`` column, as float32 bytes; and
+    which rows do not hold the source's T+1 steps of 0, K, .., K boxes."""
+    steps, k = read.spec.steps, read.expand_top
+    if column is None:
+        return pa.nulls(count, pa.binary()), np.ones(count, bool)
+    column = column.combine_chunks()
+    lengths = column.value_lengths().fill_null(0).to_numpy()
+    entries = pc.struct_field(column.flatten(), "expanded_boxes")  # one list of boxes per (row, step)
+    boxes = entries.value_lengths().fill_null(0).to_numpy()
+    starts = np.r_[0, np.cumsum(lengths)][:-1]
+    good = lengths == steps
+    index = starts[good][:, None] + np.arange(steps)
+    pattern = np.r_[0, np.full(steps - 1, k)]
+    good[good] = (boxes[index] == pattern).all(axis=1) if good.any() else []
+    values = entries.flatten().flatten().to_numpy()  # every box's 4 numbers, in row and step order
+    box_starts = np.r_[0, np.cumsum(boxes)][:-1]
+    first = box_starts[starts[good] + 1] if steps > 1 else np.zeros(int(good.sum()), np.int64)
+    width = read.steps * k * 4
+    picked = values[(first[:, None] * 4 + np.arange(width)).reshape(-1)].reshape(-1, width)
+    grown = np.zeros((count, width), np.float32)
+    grown[good] = picked
+    return binary_rows(grown, "float32"), ~good
+
+
+def source_table(rows: pa.Table, columns: dict[str, pa.Array], problems: np.ndarray) -> pa.Table:
+    """SOURCE_SCHEMA rows: the source's error where it has one, else ``problems``; states kept only
+    for the rows that can be scored."""
+    count = rows.num_rows
+    failed = rows.column("status").to_numpy(zero_copy_only=False) != "ok"
+    errors = np.where(failed, rows.column("error").to_numpy(zero_copy_only=False), problems)
+    scorable = pa.array(np.equal(errors, None))
+    out = {name: rows.column(name) for name in ("id", "uri", "width", "height")}
+    out["error"] = pa.array(errors, pa.string())
+    for name in ("state_full", "state_steps", "grown"):
+        column = columns.get(name, pa.nulls(count, pa.binary()))
+        out[name] = pc.if_else(scorable, column, pa.nulls(count, pa.binary()))
+    return pa.table(out, schema=SOURCE_SCHEMA)
