@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.commands import bench, evaluate, explain, query, relabel, submit
+from pipeline.commands import bench, evaluate, explain, query, relabel, search, submit
 from pipeline.config import LgcaError
 from pipeline.options import add_label_arguments, job_from_args
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     label = commands.add_parser("label", help="label images into Parquet (incremental, resumable)")
     add_label_arguments(label)
     label.set_defaults(handler=_label)
-    for module in (submit, query, explain, evaluate, bench, relabel):
+    for module in (submit, query, explain, evaluate, bench, relabel, search):
         module.register(commands)
     return parser
 

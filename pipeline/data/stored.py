@@ -1,15 +1,18 @@
-"""An output's stored image states read back, file by file: the rows ``lgca relabel`` scores.
+"""An output's stored image states read back, file by file: the rows ``lgca relabel`` scores,
+and the exact top N of ``lgca search``.
 
-Ray-free (pyarrow and numpy): a relabel's read tasks call :func:`read_source_file` on each
-data file of the source. Every row of a file comes out once: an ok row with its states, or an
+Ray-free (pyarrow, numpy; torch only to convert and multiply the vectors): a relabel's read
+tasks call :func:`read_source_file` on each data file of the source; ``lgca search`` streams
+the files through :func:`search_files`. Every row of a file comes out once: an ok row with its states, or an
 error row saying why it cannot be scored (the source's own error, no states kept, states of
 the wrong length, a row group whose states cannot be read). Only a file whose ids cannot be
 read at all raises (its rows are unknown: it is read again by the next run).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.output import IdSet
 from pipeline.data.states import STATE_COLUMNS, StateSpec, binary_rows, decode_column
+from pipeline.storage import read_ahead
 
 ROW_COLUMNS = ("id", "uri", "status", "error", "width", "height")
 BOXES_PATH = "steps.list.element.expanded_boxes"
@@ -135,3 +139,88 @@ def source_table(rows: pa.Table, columns: dict[str, pa.Array], problems: np.ndar
         column = columns.get(name, pa.nulls(count, pa.binary()))
         out[name] = pc.if_else(scorable, column, pa.nulls(count, pa.binary()))
     return pa.table(out, schema=SOURCE_SCHEMA)
+
+
+# ---- search: the exact top N of an output's states against one query vector ----------------
+
+SEARCH_READ_AHEAD = 2  # data files read and scored at once (threads: pyarrow and torch release the GIL)
+VECTORS = ("full", "wca", "lgca")  # k_0; p_0; sum_t a_t p_t (as S_lgca scores a class)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The top rows of a search, best first: ``files[i]``'s row ``rows[i]`` scored ``scores[i]``."""
+
+    files: np.ndarray  # int64 indices into the searched files
+    rows: np.ndarray  # int64 row numbers within the file
+    scores: np.ndarray  # float32
+    searched: int  # rows scored
+    skipped: int  # rows without usable states (error rows, rows labelled before states were kept)
+
+
+def file_scores(fs: Any, path: str, query: np.ndarray, spec: StateSpec, weights: np.ndarray | None,
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scores of one data file's rows against ``query`` ``[D]``: ``cos(k_0, q)`` (``weights``
+    None), or ``sum_t weights[t] cos(p_t, q)`` over the first ``len(weights)`` pooled vectors.
+    Returns (row numbers, float32 scores, rows skipped), a row group at a time."""
+    from pipeline.data.states import as_float32
+    import torch
+
+    name = "state_full" if weights is None else "state_steps"
+    values = spec.dim if weights is None else spec.steps * spec.dim
+    q = torch.from_numpy(query)
+    rows, scores, skipped, offset = [], [], 0, 0
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        for group in range(parquet.num_row_groups):
+            column = (parquet.read_row_group(group, columns=[name]).column(0)
+                      if name in parquet.schema_arrow.names else pa.nulls(parquet.metadata.row_group(group).num_rows))
+            decoded = decode_column(column, values, spec.dtype)
+            vectors = as_float32(decoded.values)
+            if weights is None:
+                found = vectors @ q
+            else:
+                steps = vectors.view(len(vectors), spec.steps, spec.dim)[:, :len(weights)]
+                found = (steps @ q) @ torch.from_numpy(weights)
+            rows.append(decoded.rows + offset)
+            scores.append(found.numpy())
+            skipped += len(column) - len(decoded.rows)
+            offset += len(column)
+    return (np.concatenate(rows) if rows else np.zeros(0, np.int64),
+            np.concatenate(scores) if scores else np.zeros(0, np.float32), skipped)
+
+
+def search_files(fs: Any, paths: Sequence[str], query: np.ndarray, spec: StateSpec, weights: np.ndarray | None,
+                 top: int) -> Ranked:
+    """The exact ``top`` rows of ``paths`` by :func:`file_scores`, streamed: a running top-N, so
+    memory holds N rows and SEARCH_READ_AHEAD files' scores whatever the output's size."""
+    best_files, best_rows = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    best = np.zeros(0, np.float32)
+    searched = skipped = 0
+    read = functools.partial(file_scores, fs, query=query, spec=spec, weights=weights)
+    for index, (_, result) in enumerate(read_ahead(read, paths, SEARCH_READ_AHEAD)):
+        rows, scores, missing = result.result()
+        searched, skipped = searched + len(rows), skipped + missing
+        best_files = np.concatenate([best_files, np.full(len(rows), index, np.int64)])
+        best_rows, best = np.concatenate([best_rows, rows]), np.concatenate([best, scores])
+        if len(best) > top:
+            keep = np.argpartition(-best, top - 1)[:top]
+            best_files, best_rows, best = best_files[keep], best_rows[keep], best[keep]
+    order = np.argsort(-best, kind="stable")
+    return Ranked(best_files[order], best_rows[order], best[order], searched, skipped)
+
+
+def ranked_rows(fs: Any, paths: Sequence[str], ranked: Ranked, columns: Sequence[str]) -> pa.Table:
+    """The ``columns`` of the ranked rows, in rank order, with a ``score`` column (reading only
+    the files that hold them)."""
+    parts = []
+    for index in np.unique(ranked.files):
+        with fs.open(paths[index], "rb") as handle:
+            table = pq.read_table(handle, columns=list(columns))
+        picked = np.flatnonzero(ranked.files == index)
+        parts.append((picked, table.take(pa.array(ranked.rows[picked]))))
+    if not parts:
+        return pa.table({**{c: pa.array([], pa.string()) for c in columns}, "score": pa.array([], pa.float32())})
+    order = np.argsort(np.concatenate([picked for picked, _ in parts]))
+    table = pa.concat_tables([t for _, t in parts]).take(pa.array(order))
+    return table.append_column("score", pa.array(ranked.scores, pa.float32()))

@@ -186,47 +186,20 @@ class Scorer:
         return BatchScores(states=states.cpu(), **result)
 
 
-class Engine:
-    """Encodes images (:meth:`encode`) and scores them against a fixed set of classes.
+class ImageEncoder:
+    """The image side: encodes images into :class:`ImageStates` (``params`` says which: the full
+    view only for clip/cupl, the N crops for wca, and T expansion steps for lgca)."""
 
-    Built once per model holder (an actor): the text bank is encoded in ``__init__``;
-    :meth:`score` only encodes images, then scores their states.
-    """
-
-    def __init__(self, model: ClipLike, tokenizer: Callable[[list[str]], torch.Tensor],
-                 names: Sequence[str], prompts: Sequence[Sequence[str]],
-                 descriptions: Sequence[Sequence[str]], params: ScoringParams,
-                 preprocess: Preprocess, device: torch.device, dtype: torch.dtype = torch.float32,
-                 text_batch_size: int = 256):
+    def __init__(self, model: ClipLike, params: ScoringParams, preprocess: Preprocess, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self.model = model
         self.params = params
         self.preprocess = preprocess
         self.device = device
         self.dtype = dtype
-        self.scorer = Scorer.build(model, tokenizer, names, prompts, descriptions, params, device, text_batch_size)
-
-    @property
-    def bank(self) -> TextBank:
-        return self.scorer.bank
-
-    @classmethod
-    def for_classes(cls, loaded, classes, params: ScoringParams) -> Engine:
-        """An engine for a loaded model (:class:`pipeline.model.loading.LoadedModel`) and a
-        :class:`pipeline.model.classes.ClassSet` (both duck-typed: no open_clip import here)."""
-        return cls(loaded.model, loaded.tokenizer, classes.names,
-                   [classes.prompts(i) for i in range(len(classes.names))], classes.descriptions,
-                   params, loaded.preprocess, loaded.device, loaded.dtype)
-
-    def score(self, images: Sequence[ImageInput]) -> BatchScores:
-        """Score a batch: ``score_states(encode(images))``; see :class:`BatchScores`."""
-        return self.score_states(self.encode(images))
-
-    def score_states(self, states: ImageStates) -> BatchScores:
-        """Score image states with this engine's text bank (see :meth:`Scorer.score`)."""
-        return self.scorer.score(states)
 
     def encode(self, images: Sequence[ImageInput]) -> ImageStates:
-        """The image side of a batch (on the engine's device); see :class:`ImageStates`."""
+        """The image side of a batch (on the encoder's device); see :class:`ImageStates`."""
         params = self.params
         with torch.inference_mode():
             pixels = pad_batch([im.pixels for im in images], [(im.height, im.width) for im in images],
@@ -298,6 +271,42 @@ class Engine:
     def _pool(crops: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``p = normalize(sum_i w_i k_i)``: ``[B, D]``, WCA's image vector (``S = cos(p, u_c)``)."""
         return F.normalize(torch.einsum("bn,bnd->bd", weights, crops), dim=-1)
+
+
+class Engine(ImageEncoder):
+    """Encodes images (:meth:`encode`) and scores them against a fixed set of classes.
+
+    Built once per model holder (an actor): the text bank is encoded in ``__init__``;
+    :meth:`score` only encodes images, then scores their states.
+    """
+
+    def __init__(self, model: ClipLike, tokenizer: Callable[[list[str]], torch.Tensor],
+                 names: Sequence[str], prompts: Sequence[Sequence[str]],
+                 descriptions: Sequence[Sequence[str]], params: ScoringParams,
+                 preprocess: Preprocess, device: torch.device, dtype: torch.dtype = torch.float32,
+                 text_batch_size: int = 256):
+        super().__init__(model, params, preprocess, device, dtype)
+        self.scorer = Scorer.build(model, tokenizer, names, prompts, descriptions, params, device, text_batch_size)
+
+    @property
+    def bank(self) -> TextBank:
+        return self.scorer.bank
+
+    @classmethod
+    def for_classes(cls, loaded, classes, params: ScoringParams) -> Engine:
+        """An engine for a loaded model (:class:`pipeline.model.loading.LoadedModel`) and a
+        :class:`pipeline.model.classes.ClassSet` (both duck-typed: no open_clip import here)."""
+        return cls(loaded.model, loaded.tokenizer, classes.names,
+                   [classes.prompts(i) for i in range(len(classes.names))], classes.descriptions,
+                   params, loaded.preprocess, loaded.device, loaded.dtype)
+
+    def score(self, images: Sequence[ImageInput]) -> BatchScores:
+        """Score a batch: ``score_states(encode(images))``; see :class:`BatchScores`."""
+        return self.score_states(self.encode(images))
+
+    def score_states(self, states: ImageStates) -> BatchScores:
+        """Score image states with this engine's text bank (see :meth:`Scorer.score`)."""
+        return self.scorer.score(states)
 
 
 def score_apart(score: Callable[[list[ImageInput]], R], images: Sequence[ImageInput],
