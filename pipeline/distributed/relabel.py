@@ -27,6 +27,7 @@ from pipeline.data.stored import SourceRead, read_source_file
 from pipeline.distributed import plan
 from pipeline.distributed.job import RunSummary, new_run_id, package_versions, record_whole_shards, start_ray
 from pipeline.model.classes import ClassSet, load_class_set
+from pipeline.model.loading import check_weights, load_model, model_embed_dim
 from pipeline.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ def source_states(job: RelabelJob) -> SourceStates:
             raise ConfigError(f"{flag}: {job.source} was encoded with {flag} {stored!r}, not {given!r}: its states "
                               f"are that model's embeddings; drop --{flag} (the source's is used)")
     spec = StateSpec.from_json(states)
+    dim = model_embed_dim(image["model"])
+    if dim != spec.dim:
+        raise ConfigError(f"source: {job.source}'s manifest says its states hold {spec.dim} values per vector, but "
+                          f"model {image['model']!r} embeds {dim}: the source was not written by that model; "
+                          f"label the images again: {label_command(job, image, job.scoring.method)}")
     source_steps = max(spec.steps - 1, 0)  # T of the states kept (an lgca source's; 0 for others)
     steps = image["steps"] if job.scoring.steps < 0 else job.scoring.steps  # the source's T as configured
     method = job.scoring.method
@@ -125,8 +131,6 @@ class Prepared:
 
 def prepare_relabel(job: RelabelJob) -> Prepared:
     """Check the source, its first file, the classes and the model's name and weights."""
-    from pipeline.model.loading import check_weights  # open_clip only where a relabel runs
-
     source = source_states(job)
     where = Output(job.source, job.storage)
     files = list_shard_versions(where.data, "parquet", job.storage) if where.data_files() else []
@@ -143,7 +147,6 @@ def text_context(job: RelabelJob, prepared: Prepared, run_id: str):
     """The shared scoring context: the text bank, built here from the model's text tower."""
     from pipeline.distributed.actor import RelabelContext
     from pipeline.method.engine import Scorer
-    from pipeline.model.loading import load_model
 
     image, clock = prepared.source.image, time.monotonic()
     loaded = load_model(job.model.config(image["model"], image["pretrained"]), job.storage)

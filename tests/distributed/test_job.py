@@ -1,6 +1,7 @@
 """End to end on a real local Ray cluster: labels, error rows, incremental runs, refusals."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import replace
@@ -18,7 +19,7 @@ from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, Re
 from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.data.output import Output
 from pipeline.data.rows import SCHEMA
-from pipeline.distributed.job import run_label_job
+from pipeline.distributed.job import fingerprint, run_label_job
 from pipeline.method.engine import Engine, ImageInput
 from pipeline.model.classes import load_class_set
 from pipeline.model.loading import load_model
@@ -443,3 +444,22 @@ def test_a_store_error_while_recording_shards_is_logged_not_raised(tmp_path, tin
     record_whole_shards(output, "r1", [("s3://in/a.tar", "10:etag")], Unlistable(output.reading("r1"), job.storage))
     assert "could not record the shards read whole" in caplog.text  # the run's rows are written: it goes on
     assert not (tmp_path / "out" / "_lgca" / "shards").exists()
+
+
+def test_an_output_of_the_previous_version_is_continued_with_the_same_settings(tmp_path, tiny_checkpoint):
+    """The previous version wrote a flat manifest (model, pretrained, scoring, text digests)."""
+    job = make_job([tmp_path], tmp_path / "out", tiny_checkpoint)
+    classes = load_class_set(job.text)
+    scoring = dataclasses.asdict(job.scoring)
+    scoring.pop("encode_batch_size")
+    flat = {"model": job.model.name, "pretrained": job.model.pretrained, "scoring": scoring, "text": classes.digests()}
+    output = Output(job.output)
+    (tmp_path / "out" / "_lgca").mkdir(parents=True)
+    (tmp_path / "out" / "_lgca" / "manifest.json").write_text(json.dumps(flat))
+    (tmp_path / "out" / "data").mkdir()
+    pq.write_table(SCHEMA.empty_table().drop_columns(["state_full", "state_steps"]),
+                   tmp_path / "out" / "data" / "20250101T000000Z-aaaaaa_w_000000-0.parquet")
+    output.check_manifest(fingerprint(job, classes, 64), overwrite=False)  # accepted: the same settings
+    changed = replace(job, scoring=replace(job.scoring, seed=6))
+    with pytest.raises(ConfigError, match=r"image.seed: 5 -> 6\)"):
+        output.check_manifest(fingerprint(changed, classes, 64), overwrite=False)

@@ -197,6 +197,10 @@ def test_what_the_stored_states_cannot_give_is_refused_before_ray_starts_with_wh
             model=RelabelModel(pretrained="openai", device="cpu"))
     refused("lgca", r"aggregation: 2 weights given, but steps=2 needs 3", scoring=RelabelScoring(aggregation="0.5,0.5"))
     refused("absent", r"has no _lgca/manifest.json")
+    manifest = tmp_path / "none" / "_lgca" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()),
+                                    "states": {"dtype": "float16", "dim": 32, "steps": 3}}))
+    refused("none", r"its states hold 32 values per vector, but model 'lgca-tiny' embeds 64")
     path = next((tmp_path / "lgca" / "data").glob("*.parquet"))
     table = pq.read_table(path)
     short = pa.array([None if v is None else v[:-4] for v in table.column("state_full").to_pylist()], pa.binary())
