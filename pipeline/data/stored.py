@@ -48,10 +48,14 @@ class SourceRead:
 
 def read_source_file(fs: Any, path: str, read: SourceRead, done: IdSet | None = None) -> Iterator[pa.Table]:
     """The rows of one source data file (SOURCE_SCHEMA), a row group at a time, without the ids in
-    ``done``. A file whose ids cannot be read raises (pyarrow's error or OSError)."""
+    ``done``. A file whose ids cannot be read raises (pyarrow's error or OSError), as does a
+    Parquet file without the columns of lgca label's rows."""
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         names = set(parquet.schema_arrow.names)
+        missing = [name for name in ROW_COLUMNS if name not in names]
+        if missing:
+            raise pa.ArrowInvalid(f"no column(s) {', '.join(missing)}: not a data file of lgca label")
         for group in range(parquet.num_row_groups):
             rows = parquet.read_row_group(group, columns=list(ROW_COLUMNS))
             keep = None if done is None or not len(done) else ~done.contains(rows.column("id").to_pylist())

@@ -19,13 +19,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config import ConfigError, RelabelJob, ScoringParams, to_dict
-from pipeline.data.output import IdSet, Output, make_manifest, manifest_form, shard_key
+from pipeline.data.output import IdSet, Output, ShardMarks, make_manifest, manifest_form, shard_key
 from pipeline.data.rows import error_reason
 from pipeline.data.sources import list_shard_versions
 from pipeline.data.states import StateSpec
 from pipeline.data.stored import SourceRead, read_source_file
 from pipeline.distributed import plan
-from pipeline.distributed.job import RunSummary, new_run_id, package_versions, record_whole_shards, start_ray
+from pipeline.distributed.actor import RelabelContext
+from pipeline.distributed.job import RunSummary, new_run_id, package_versions, start_ray
+from pipeline.method.engine import Scorer
 from pipeline.model.classes import ClassSet, load_class_set
 from pipeline.model.loading import check_weights, load_model, model_embed_dim
 from pipeline.storage import filesystem
@@ -58,7 +60,7 @@ def source_states(job: RelabelJob) -> SourceStates:
     if manifest is None:
         raise ConfigError(f"source: {job.source} has no _lgca/manifest.json: give the output of an lgca label run")
     form = manifest_form(manifest)
-    image, text, states = form["image"], form["text"], form.get("states")
+    image, states = form["image"], form.get("states")  # the source's text side plays no part
     if states is None and form.get("source"):
         raise ConfigError(f"source: {job.source} is an lgca relabel output, which keeps no image states; relabel "
                           f"its source {form['source']} instead")
@@ -93,7 +95,6 @@ def source_states(job: RelabelJob) -> SourceStates:
     scoring = ScoringParams(method=method, steps=steps, aggregation=job.scoring.aggregation,
                             lambda_t=job.scoring.lambda_t, top_k=job.scoring.top_k, **settings)
     read = SourceRead(spec, needed, steps if method == "lgca" else 0, image["expand_top"])
-    del text  # the source's text side plays no part
     return SourceStates(image, spec, scoring, read)
 
 
@@ -143,11 +144,10 @@ def prepare_relabel(job: RelabelJob) -> Prepared:
     return Prepared(source, classes, manifest, files)
 
 
-def text_context(job: RelabelJob, prepared: Prepared, run_id: str):
-    """The shared scoring context: the text bank, built here from the model's text tower."""
-    from pipeline.distributed.actor import RelabelContext
-    from pipeline.method.engine import Scorer
-
+def text_context(job: RelabelJob, prepared: Prepared, run_id: str) -> RelabelContext:
+    """The shared scoring context: the text bank, built here from the model's text tower (the whole
+    model is loaded, as open_clip builds it, but its image tower is never run; it is freed once
+    the bank is built)."""
     image, clock = prepared.source.image, time.monotonic()
     loaded = load_model(job.model.config(image["model"], image["pretrained"]), job.storage)
     bank = Scorer.for_classes(loaded, prepared.classes, prepared.source.scoring).bank
@@ -186,10 +186,7 @@ def run_relabel_job(job: RelabelJob) -> RunSummary:
             plan.write(dataset, output, job, run_id)
         own_lost: list[str] = []
         rows, errors = output.run_outcome(run_id, own_lost)
-        unread = [uri for uri, whole in zip([u for u, _ in files], marks.marked([u for u, _ in files])) if not whole] \
-            if files else []
-        if files and not own_lost:
-            record_whole_shards(output, run_id, files, marks)
+        unread = record_files(output, run_id, files, marks, record=not own_lost) if files else []
     finally:
         marks.remove()
     reasons = dict(Counter(error_reason(message) for message in errors))
@@ -200,6 +197,22 @@ def run_relabel_job(job: RelabelJob) -> RunSummary:
     for uri in unread:
         log.warning("source file %s could not be read to its end; its rows are scored by the next run", uri)
     return summary
+
+
+def record_files(output: Output, run_id: str, files: list[tuple[str, str | None]], marks: ShardMarks,
+                 record: bool) -> list[str]:
+    """Record (when ``record``: no file of this run was lost) the source files this run read to
+    their end, so that no later run reads them again; returns those it could not read to their
+    end. Once the rows are written, a store error here is logged, not raised: unrecorded files
+    are only read again next run."""
+    try:
+        whole = marks.marked([uri for uri, _ in files])
+        if record:
+            output.record_shards(run_id, [file for file, read in zip(files, whole) if read])
+    except OSError as exc:
+        log.warning("could not record the source files read whole (%s): the next run reads them again", exc)
+        return []
+    return [uri for (uri, _), read in zip(files, whole) if not read]
 
 
 def relabel_record(job: RelabelJob, prepared: Prepared, summary: RunSummary, started: datetime,

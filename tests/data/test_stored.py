@@ -119,7 +119,10 @@ def test_a_row_group_whose_states_cannot_be_read_gives_error_rows_for_its_ids_on
     assert all(e.startswith(f"states: cannot read them from {path}") for e in errors[:2]) and errors[2] is None
 
 
-def test_a_file_that_is_not_parquet_raises(tmp_path):
+def test_a_file_that_is_not_parquet_or_not_of_lgca_label_raises(tmp_path):
     (tmp_path / "cut.parquet").write_bytes(b"PAR1 cut short")
     with pytest.raises(pa.ArrowInvalid):
         read_all(tmp_path / "cut.parquet", LGCA)
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "other.parquet")
+    with pytest.raises(pa.ArrowInvalid, match="no column.*uri, status, error, width, height: not a data file of lgca"):
+        read_all(tmp_path / "other.parquet", LGCA)
