@@ -148,6 +148,10 @@ def source_table(rows: pa.Table, columns: dict[str, pa.Array], problems: np.ndar
 # ---- search: the exact top N of an output's states against one query vector ----------------
 
 SEARCH_READ_AHEAD = 2  # data files read and scored at once (threads: pyarrow and torch release the GIL)
+# Stored vectors converted to float32 at a time: 2 MB of float32 for D = 512, under glibc's 32 MB
+# mmap threshold (converting a 4096-row group of lgca states at once, 34 MB, cost 9x as much in
+# page faults as the conversion itself)
+SEARCH_VECTORS = 1024
 VECTORS = ("full", "wca", "lgca")  # k_0; p_0; sum_t a_t p_t (as S_lgca scores a class)
 
 
@@ -180,14 +184,16 @@ def file_scores(fs: Any, path: str, query: np.ndarray, spec: StateSpec, weights:
             column = (parquet.read_row_group(group, columns=[name]).column(0)
                       if name in parquet.schema_arrow.names else pa.nulls(parquet.metadata.row_group(group).num_rows))
             decoded = decode_column(column, values, spec.dtype)
-            vectors = as_float32(decoded.values)
-            if weights is None:
-                found = vectors @ q
-            else:
-                steps = vectors.view(len(vectors), spec.steps, spec.dim)[:, :len(weights)]
-                found = (steps @ q) @ torch.from_numpy(weights)
+            per_part = max(1, SEARCH_VECTORS // (values // spec.dim))
+            for start in range(0, len(decoded.rows), per_part):
+                vectors = as_float32(decoded.values[start:start + per_part])
+                if weights is None:
+                    found = vectors @ q
+                else:  # every stored vector against q in one product, then the steps' weights
+                    cosines = (vectors.view(-1, spec.dim) @ q).view(len(vectors), spec.steps)
+                    found = cosines[:, :len(weights)] @ torch.from_numpy(weights)
+                scores.append(found.numpy())
             rows.append(decoded.rows + offset)
-            scores.append(found.numpy())
             skipped += len(column) - len(decoded.rows)
             offset += len(column)
     return (np.concatenate(rows) if rows else np.zeros(0, np.int64),
