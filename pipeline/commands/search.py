@@ -16,7 +16,7 @@ import csv
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -74,8 +74,8 @@ def query_vector(args: argparse.Namespace, source: SearchSource, storage: Storag
     from pipeline.method.textbank import encode_texts
     from pipeline.model.loading import load_model
 
-    loaded = load_model(ModelConfig(name=source.model, pretrained=source.pretrained, device=args.device,
-                                    precision="fp32"), storage)
+    device = given_options(args, ("device",))["model"].get("device", "auto")  # where the query is encoded
+    loaded = load_model(ModelConfig(name=source.model, pretrained=source.pretrained, device=device), storage)
     if args.image is None:
         return encode_texts(loaded.model, loaded.tokenizer, [args.text], 1, loaded.device)[0].cpu().numpy()
     fs, path = filesystem(args.image, storage)
@@ -140,7 +140,7 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> Any:
+def register(commands: argparse._SubParsersAction) -> None:
     """Add the ``search`` subcommand to the ``lgca`` command line."""
     parser = commands.add_parser("search", help="the top N images of a labelled output for a text or an image "
                                                 "(exact, over the kept image states)")
@@ -151,7 +151,5 @@ def register(commands: argparse._SubParsersAction) -> Any:
     parser.add_argument("--vector", choices=VECTORS, default="full",
                         help="the image vector ranked: full (k_0, default), wca (p_0) or lgca (sum_t a_t p_t)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv or json (lines)")
-    parser.add_argument("--device", default="auto", help="where the query is encoded: auto, cpu, cuda or cuda:N")
-    add_option_arguments(parser, STORAGE_FLAGS)
+    add_option_arguments(parser, ("device", *STORAGE_FLAGS))
     parser.set_defaults(handler=_search)
-    return parser
