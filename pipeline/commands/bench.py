@@ -485,7 +485,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help=f"images per measurement (default: calibrated for about {TARGET_SECONDS:.0f} s)")
     parser.add_argument("--skip-pipeline", action="store_true", help="measure the engine only")
     parser.add_argument("--relabel-rows", type=int, default=100_000,
-                        help="source rows for the relabel and search figures (default: 100000; and twice as many)")
+                        help="source rows for the relabel and search figures (default: 100000; and 4x as many)")
     parser.add_argument("--skip-relabel", action="store_true", help="leave out the relabel and search figures")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_handle)

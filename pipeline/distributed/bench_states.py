@@ -2,7 +2,7 @@
 
 The bench's lgca states (its photos, encoded by the engine it timed) are written as an ``lgca
 label`` output (float16 states, files of 4096 rows as a GPU label run writes them), repeated
-under distinct ids to at least ``rows`` rows, and at twice that. Then, against 1,000 classes
+under distinct ids to ``rows`` rows, and to four times as many. Then, against 1,000 classes
 (``class 0000`` .. ``class 0999``, the default template):
 
 - relabel scoring alone: :func:`~pipeline.distributed.actor.score_source_rows` on the source's
@@ -42,7 +42,7 @@ from pipeline.model.classes import load_class_set
 
 RELABEL_CLASSES = 1000
 SOURCE_FILE_ROWS = 4096  # rows per source data file, as a GPU label run writes them
-SIZES = (1, 2)  # relabel end to end at `rows` and twice as many
+SIZES = (1, 4)  # relabel end to end at `rows` and four times as many (as the label pipeline: 1x, 4x)
 STATE_DTYPE = "float16"
 
 

@@ -70,14 +70,14 @@ def test_bench_json_reports_engine_pipeline_and_memory(capsys):
 def test_bench_relabels_and_searches_the_engines_states(tiny_checkpoint, capsys):
     assert run(tiny(tiny_checkpoint) + ["--skip-pipeline", "--relabel-rows", "600", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["relabel_classes"] == 1000 and report["relabel_rows"] == {"1x": 600, "2x": 1200}
+    assert report["relabel_classes"] == 1000 and report["relabel_rows"] == {"1x": 600, "4x": 2400}
     rates = report["relabel_images_per_s"]
-    assert rates["scoring"] > 0 and rates["end_to_end"] == pytest.approx(1200 / report["relabel_seconds"]["2x"])
+    assert rates["scoring"] > 0 and rates["end_to_end"] == pytest.approx(2400 / report["relabel_seconds"]["4x"])
     seconds, bank = report["relabel_seconds"], report["relabel_run_text_bank_s"]
-    assert 0 < bank["1x"] < seconds["1x"] and 0 < bank["2x"] < seconds["2x"]
+    assert 0 < bank["1x"] < seconds["1x"] and 0 < bank["4x"] < seconds["4x"]
     scoring = {size: seconds[size] - bank[size] for size in seconds}  # the runs without their text bank
-    if scoring["2x"] > scoring["1x"]:  # else the noise of two short runs hid the 600 more rows
-        assert rates["end_to_end_marginal"] == pytest.approx(600 / (scoring["2x"] - scoring["1x"]))
+    if scoring["4x"] > scoring["1x"]:  # else the noise of two short runs hid the 1800 more rows
+        assert rates["end_to_end_marginal"] == pytest.approx(1800 / (scoring["4x"] - scoring["1x"]))
         assert report["relabel_over_label"] == pytest.approx(
             rates["end_to_end_marginal"] / report["engine_images_per_s"]["lgca"])
         assert report["relabel_fixed_startup_s"] == pytest.approx(seconds["1x"] - 600 / rates["end_to_end_marginal"])
