@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.commands import bench, evaluate, explain, export, query, report, submit
+from pipeline.commands import bench, evaluate, explain, export, query, relabel, report, search, submit
 from pipeline.config import LgcaError
 from pipeline.options import add_label_arguments, job_from_args
 from pipeline.storage import redact
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_arguments(label)
     add_display_arguments(label)
     label.set_defaults(handler=_label)
-    for module in (submit, query, explain, evaluate, bench, report, export):
+    for module in (submit, query, explain, evaluate, bench, relabel, search, report, export):
         module.register(commands)
     show_defaults(parser)
     return parser

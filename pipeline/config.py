@@ -304,6 +304,28 @@ class ResourceConfig:
         return AUTO_ROWS_PER_FILE_GPU if self.gpus_per_actor > 0 else self.batch_size
 
 
+STATE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class StatesConfig:
+    """Whether ``lgca label`` keeps each ok image's states (k_0, p_0..p_T) in its rows, for
+    ``lgca relabel`` and ``lgca search`` (docs/output-schema.md)."""
+
+    keep: str = option("keep each image's states (k_0, p_0..p_T) for lgca relabel and lgca search: keep or none",
+                       "keep", flag="states")
+    dtype: str = option("the kept states' number type: float16 (about 5 KB per image for ViT-B-32) or float32",
+                        "float16", flag="state-dtype")
+
+    def __post_init__(self) -> None:
+        _require(self.keep in ("keep", "none"), "states", f"{self.keep!r} is not 'keep' or 'none'")
+        _require(self.dtype in STATE_DTYPES, "state_dtype", f"{self.dtype!r} is not one of {', '.join(STATE_DTYPES)}")
+
+    @property
+    def kept(self) -> bool:
+        return self.keep == "keep"
+
+
 @dataclass(frozen=True)
 class LabelJob:
     """Everything one ``lgca label`` run needs, validated as a whole before Ray starts."""
@@ -315,6 +337,7 @@ class LabelJob:
     scoring: ScoringParams = ScoringParams()
     resources: ResourceConfig = ResourceConfig()
     storage: StorageConfig = StorageConfig()
+    states: StatesConfig = StatesConfig()
     overwrite: bool = option("relabel everything, replacing the existing output", False)
     retry_errors: str = option("label again the ids whose error row has one of these stages, comma-separated "
                                "(the flag alone: read); docs/reliability.md", "", const="read")
@@ -322,14 +345,7 @@ class LabelJob:
     name: str = option("job name, the start of its submission ids", "lgca-label")
 
     def __post_init__(self) -> None:
-        _require(bool(self.output.strip()), "output", "give the folder or prefix to write labels to")
-        _require(fsspec.utils.get_protocol(self.output) in ("file", "local")
-                 or not any(char in self.output for char in GLOB_CHARS), "output",
-                 f"{self.output!r} holds a glob character (* ? [), which object-store deletes (--overwrite, "
-                 "partial files, shard records) would expand, removing other prefixes; use an output without them")
-        _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) is not None, "name",
-                 f"{self.name!r} must start with a letter or digit and hold only ASCII letters, digits, "
-                 "'-', '_' and '.' (it starts the Ray submission id), for example lgca-pets")
+        _check_output_and_name(self.output, self.name)
         gpu = self.resources.gpus_per_actor > 0
         _require(not (gpu and self.model.device == "cpu"), "gpus_per_actor",
                  f"{self.resources.gpus_per_actor:g} with device cpu reserves GPUs the model never uses; "
@@ -337,3 +353,101 @@ class LabelJob:
         _require(gpu or self.model.precision != "fp16", "precision", FP16_ON_CPU)
         _require(gpu or not self.model.device.startswith("cuda"), "device",
                  f"device {self.model.device!r} needs gpus_per_actor > 0")
+
+
+def option_of(cls: type, name: str, **changes: Any) -> Any:
+    """The option of field ``name`` of config class ``cls`` again (its help, default and flag), for
+    another command's config that takes the same option; ``changes`` replace help or default."""
+    found = cls.__dataclass_fields__[name]
+    default = changes.get("default", found.default)
+    return option(changes.get("help", found.metadata["help"]), default, found.metadata["flag"])
+
+
+@dataclass(frozen=True)
+class RelabelScoring:
+    """The text side of ``lgca relabel``: what may change without encoding an image again.
+    Defaults are those of ``lgca label``, except ``steps``; the aggregation is checked against
+    T once the source's manifest is read."""
+
+    method: str = option_of(ScoringParams, "method",
+                            help="which method's score gives the label: clip, cupl, wca or lgca (lgca needs an "
+                                 "lgca source, wca a wca or lgca one)")
+    steps: int = option("T, LGCA steps scored: at most the source's (its p_0..p_T are a prefix); -1 = the source's", -1)
+    aggregation: str = option_of(ScoringParams, "aggregation")
+    lambda_t: float = option_of(ScoringParams, "lambda_t")
+    top_k: int = option_of(ScoringParams, "top_k")
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        _require(self.steps >= -1, "steps", f"must be -1 (the source's) or 0 or more, got {self.steps}")
+        _require(self.lambda_t > 0 and math.isfinite(self.lambda_t), "lambda_t", "must be a positive number")
+        _require(self.top_k >= 1, "top_k", f"must be at least 1, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class RelabelModel:
+    """The model whose text tower encodes the classes: the source's (checked), on this machine."""
+
+    name: str = option("the source's model (from its manifest); given, it must be the same", "", flag="model")
+    pretrained: str = option("the source's weights (from its manifest); given, it must be the same", "")
+    device: str = option_of(ModelConfig, "device", help="where the driver encodes the class texts: auto, cpu, cuda or cuda:N")
+    precision: str = option_of(ModelConfig, "precision", help="of the text tower: fp32, fp16 (GPUs only) or bf16")
+    cache_dir: str = option_of(ModelConfig, "cache_dir")
+
+    def config(self, name: str, pretrained: str) -> ModelConfig:
+        """The :class:`ModelConfig` of the source's model and weights, run here."""
+        return ModelConfig(name=name, pretrained=pretrained, device=self.device, precision=self.precision,
+                           cache_dir=self.cache_dir)
+
+
+@dataclass(frozen=True)
+class RelabelResources:
+    """How a relabel uses the cluster: CPU tasks that read the source's rows and score them."""
+
+    batch_size: int = option("source rows per scoring call", 4096)
+    cpus_per_task: float = option("CPUs each read-and-score task reserves (torch uses as many threads)", 1.0)
+    rows_per_file: int = option("rows per output Parquet file; 0 = auto: 4 scoring calls", 0)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(0 < self.cpus_per_task < math.inf, "cpus_per_task", "must be a number more than 0")
+        _require(self.rows_per_file >= 0, "rows_per_file", "must be 0 (auto) or more")
+
+    @property
+    def file_rows(self) -> int:
+        """Rows written per Parquet file (the last file of a run may hold fewer)."""
+        return max(self.rows_per_file, self.batch_size) if self.rows_per_file else 4 * self.batch_size
+
+
+@dataclass(frozen=True)
+class RelabelJob:
+    """One ``lgca relabel`` run: a labelled output's image states, scored with another text side."""
+
+    source: str = option("the lgca label output whose image states are scored (kept with --states keep)")
+    output: str = option("folder or prefix the new labels and run records go to (not the source)")
+    text: TextConfig
+    scoring: RelabelScoring = RelabelScoring()
+    model: RelabelModel = RelabelModel()
+    resources: RelabelResources = RelabelResources()
+    storage: StorageConfig = StorageConfig()
+    overwrite: bool = option("score everything again, replacing the existing output", False)
+    address: str = option("Ray address; '' = RAY_ADDRESS, else a new local Ray", "")
+    name: str = option("job name, the start of its submission ids", "lgca-relabel")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source.strip()), "source", "give the lgca label output to relabel")
+        _require(self.source.rstrip("/") != self.output.rstrip("/"), "output",
+                 "must not be the source: relabel writes a new output and leaves the source as it is")
+        _check_output_and_name(self.output, self.name)
+
+
+def _check_output_and_name(output: str, name: str) -> None:
+    """The checks of a job's output and name that ``LabelJob`` and ``RelabelJob`` share."""
+    _require(bool(output.strip()), "output", "give the folder or prefix to write labels to")
+    _require(fsspec.utils.get_protocol(output) in ("file", "local")
+             or not any(char in output for char in GLOB_CHARS), "output",
+             f"{output!r} holds a glob character (* ? [), which object-store deletes (--overwrite, "
+             "partial files, shard records) would expand, removing other prefixes; use an output without them")
+    _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, "name",
+             f"{name!r} must start with a letter or digit and hold only ASCII letters, digits, "
+             "'-', '_' and '.' (it starts the Ray submission id), for example lgca-pets")

@@ -1,8 +1,10 @@
-"""Job specs: one table of options feeds the ``lgca label`` flags and the YAML job files.
+"""Job specs: one table of options per job kind feeds its flags and its YAML job files.
 
-A YAML job file uses the flag names as keys (``gpus-per-actor`` or ``gpus_per_actor``);
-flags given on the command line win over the file. :func:`build_job` turns the merged
-options into a validated :class:`~pipeline.config.LabelJob`.
+Two kinds: ``label`` (:class:`~pipeline.config.LabelJob`, ``lgca label``) and ``relabel``
+(:class:`~pipeline.config.RelabelJob`, ``lgca relabel``). A YAML job file uses the flag names
+as keys (``gpus-per-actor`` or ``gpus_per_actor``) and says its kind with ``kind: relabel``
+(no ``kind`` means label); flags given on the command line win over the file.
+:func:`build_job` turns the merged options into a validated job.
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
-                             StorageConfig, TextConfig)
+from pipeline.config import ConfigError, LabelJob, RelabelJob, StorageConfig
 from pipeline.storage import filesystem
 
 
@@ -62,18 +63,37 @@ def options_of(cls: type, section: str) -> list[Option]:
     return found
 
 
-def _job_options() -> tuple[Option, ...]:
-    """Every option of :class:`LabelJob`, in the order ``--help`` lists them: inputs and output,
-    then each config section, then the job's other fields."""
-    own = {option.field: option for option in options_of(LabelJob, "")}
-    hints = typing.get_type_hints(LabelJob)
-    sections = [options_of(hints[item.name], item.name) for item in dataclasses.fields(LabelJob)
+def _job_options(job: type) -> tuple[Option, ...]:
+    """Every option of job class ``job``, in the order ``--help`` lists them: where the rows come
+    from (inputs, source) and the output, then each config section, then the job's other fields."""
+    own = {option.field: option for option in options_of(job, "")}
+    hints = typing.get_type_hints(job)
+    sections = [options_of(hints[item.name], item.name) for item in dataclasses.fields(job)
                 if dataclasses.is_dataclass(hints[item.name])]
-    return tuple(sections[0] + [own.pop("output")] + [o for found in sections[1:] for o in found] + list(own.values()))
+    inputs = [o for found in sections for o in found if o.section == "inputs"]
+    rest = [o for found in sections for o in found if o.section != "inputs"]
+    lead = [own.pop(name) for name in ("source", "output") if name in own]
+    return tuple(inputs + lead + rest + list(own.values()))
 
 
-OPTIONS = _job_options()
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job: its config class, command (also the job file's ``kind``) and options."""
+
+    name: str  # 'label' or 'relabel'
+    job: type  # LabelJob or RelabelJob
+    options: tuple[Option, ...]
+    required: tuple[str, ...]  # flags without a default
+
+    @property
+    def by_key(self) -> dict[str, Option]:
+        return {option.flag: option for option in self.options}
+
+
+OPTIONS = _job_options(LabelJob)
 BY_KEY = {option.flag: option for option in OPTIONS}
+KINDS = {"label": JobKind("label", LabelJob, OPTIONS, ("input", "output", "classes")),
+         "relabel": JobKind("relabel", RelabelJob, _job_options(RelabelJob), ("source", "output", "classes"))}
 # The options that shape one image's scores (text, model, scoring without method and top-k,
 # storage): what `lgca explain` and `lgca eval` take from `lgca label`.
 SCORING_FLAGS = tuple(option.flag for option in OPTIONS if option.section in ("text", "model", "scoring", "storage")
@@ -82,10 +102,13 @@ SCORING_FLAGS = tuple(option.flag for option in OPTIONS if option.section in ("t
 STORAGE_FLAGS = tuple(option.flag for option in OPTIONS if option.section == "storage")
 
 
-def add_label_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every job option as a flag; unset flags stay ``None`` so the YAML file can fill them."""
-    parser.add_argument("--config", help="YAML job file; flags given here win over it")
-    for option in OPTIONS:
+def add_label_arguments(parser: argparse.ArgumentParser, kind: str = "label", skip: Sequence[str] = ()) -> None:
+    """Add every option of job kind ``kind`` (but ``skip``) as a flag; unset flags stay ``None``
+    so the YAML file can fill them."""
+    parser.add_argument("--config", help=f"YAML job file (kind: {kind}); flags given here win over it")
+    for option in KINDS[kind].options:
+        if option.flag in skip:
+            continue
         if option.kind is bool:
             parser.add_argument(f"--{option.flag}", action="store_const", const=True, default=None,
                                 help=option.described)
@@ -138,8 +161,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_job_file(uri: str) -> dict[str, Any]:
-    """Read a YAML job file into ``{flag: value}``; unknown, repeated and empty keys are errors."""
+def read_job_spec(uri: str) -> tuple[str, dict[str, Any]]:
+    """Read a YAML job file into its kind and ``{flag: value}``; unknown, repeated and empty keys are errors."""
     try:
         fs, path = filesystem(uri, StorageConfig())
         with fs.open(path, "r") as handle:
@@ -150,24 +173,37 @@ def read_job_file(uri: str) -> dict[str, Any]:
         raise ConfigError(f"config: {uri} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {uri} must hold a mapping of option: value, got {type(data).__name__}")
+    kind = data.pop("kind", "label")
+    if kind not in KINDS:
+        raise ConfigError(f"config: kind {kind!r} in {uri} is not one of {', '.join(KINDS)}")
+    known = KINDS[kind].by_key
     keys: dict[str, Any] = {}  # flag -> the key that gives it
     for key, value in data.items():
         flag = str(key).replace("_", "-")
-        if flag not in BY_KEY:
-            raise ConfigError(f"config: unknown key {key!r} in {uri}; known keys: {', '.join(BY_KEY)}")
+        if flag not in known:
+            raise ConfigError(f"config: unknown key {key!r} in {uri}; known keys: kind, {', '.join(known)}")
         if flag in keys:
             raise ConfigError(f"config: {keys[flag]!r} and {key!r} in {uri} both give {flag}; keep one")
         if value is None:
             raise ConfigError(f"config: job file key {key!r} is empty; give a value or remove the key")
         keys[flag] = key
-    return {flag: data[key] for flag, key in keys.items()}
+    return kind, {flag: data[key] for flag, key in keys.items()}
 
 
-def merge_options(file_options: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+def read_job_file(uri: str, kind: str = "label") -> dict[str, Any]:
+    """The options of a job file of kind ``kind``; a file of another kind is refused with the
+    command that runs it."""
+    found, options = read_job_spec(uri)
+    if found != kind:
+        raise ConfigError(f"config: {uri} is a {found} job (kind: {found}); run it with lgca {found} --config {uri}")
+    return options
+
+
+def merge_options(file_options: dict[str, Any], flags: dict[str, Any], kind: str = "label") -> dict[str, Any]:
     """File options overridden by every job flag that was given (not ``None``)."""
     merged = dict(file_options)
     given = {key.replace("_", "-"): value for key, value in flags.items() if value is not None}
-    merged.update({flag: value for flag, value in given.items() if flag in BY_KEY})
+    merged.update({flag: value for flag, value in given.items() if flag in KINDS[kind].by_key})
     return merged
 
 
@@ -210,40 +246,41 @@ def parse_actors(value: str) -> tuple[int, int]:
         raise ConfigError(f"actors: {value!r} is not N or MIN-MAX (for example 4 or 1-8)") from None
 
 
-def build_job(options: dict[str, Any]) -> LabelJob:
-    """Build and validate a :class:`LabelJob` from merged options (flag names as keys)."""
-    sections: dict[str, dict[str, Any]] = {name: {} for name in
-                                           ("inputs", "text", "model", "scoring", "resources", "storage", "")}
+def build_job(options: dict[str, Any], kind: str = "label") -> Any:
+    """Build and validate a job of ``kind`` (a :class:`LabelJob` or :class:`RelabelJob`) from
+    merged options (flag names as keys)."""
+    spec = KINDS[kind]
+    hints = typing.get_type_hints(spec.job)
+    sections: dict[str, dict[str, Any]] = {option.section: {} for option in spec.options}
     for flag, value in options.items():
-        option = BY_KEY.get(flag)
+        option = spec.by_key.get(flag)
         if option is None:
-            raise ConfigError(f"unknown option {flag!r}; known: {', '.join(BY_KEY)}")
+            raise ConfigError(f"unknown option {flag!r}; known: {', '.join(spec.by_key)}")
         if flag == "actors":
             low, high = parse_actors(value)
             sections["resources"].update(actors_min=low, actors_max=high)
             continue
         sections[option.section][option.field] = _convert(option, value)
-    for required in ("input", "output", "classes"):
+    for required in spec.required:
         if required not in options:
-            raise ConfigError(f"{required}: missing; give --{required} or '{required}:' in the job file")
-    top = sections[""]
-    return LabelJob(
-        inputs=InputConfig(**sections["inputs"]), output=top.pop("output"),
-        text=TextConfig(**sections["text"]), model=ModelConfig(**sections["model"]),
-        scoring=ScoringParams(**sections["scoring"]), resources=ResourceConfig(**sections["resources"]),
-        storage=StorageConfig(**sections["storage"]), **top)
+            flag = "SOURCE" if required == "source" else f"--{required}"  # lgca relabel's positional argument
+            raise ConfigError(f"{required}: missing; give {flag} or '{required}:' in the job file")
+    top = sections.pop("")
+    return spec.job(**{name: hints[name](**values) for name, values in sections.items()}, **top)
 
 
-def job_from_args(args: argparse.Namespace) -> LabelJob:
-    """The job described by parsed ``lgca label`` arguments and their ``--config`` file."""
-    file_options = read_job_file(args.config) if args.config else {}
-    return build_job(merge_options(file_options, vars(args)))
+def job_from_args(args: argparse.Namespace, kind: str = "label") -> Any:
+    """The job described by parsed ``lgca label`` (or ``relabel``) arguments and their ``--config`` file."""
+    file_options = read_job_file(args.config, kind) if args.config else {}
+    return build_job(merge_options(file_options, vars(args), kind), kind)
 
 
-def job_to_options(job: LabelJob) -> dict[str, Any]:
-    """The options that rebuild ``job`` (the inverse of :func:`build_job`), for job files."""
-    out: dict[str, Any] = {}
-    for option in OPTIONS:
+def job_to_options(job: LabelJob | RelabelJob) -> dict[str, Any]:
+    """The options that rebuild ``job`` (the inverse of :func:`build_job`), for job files; a
+    relabel job's include ``kind: relabel``."""
+    kind = "relabel" if isinstance(job, RelabelJob) else "label"
+    out: dict[str, Any] = {"kind": kind} if kind != "label" else {}
+    for option in KINDS[kind].options:
         if option.flag == "actors":
             res = job.resources
             out["actors"] = f"{res.actors_min}-{res.actors_max}"

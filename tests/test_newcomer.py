@@ -148,7 +148,7 @@ def test_ctrl_c_says_how_far_it_got_the_same_command_resumes_and_the_records_agr
     other = shell.lgca(*LABEL, "--model", "lgca-tiny", "--pretrained", "none", "--crops", "8")  # other settings
     assert other.returncode == 2
     line = one_error_line(other, "label")
-    assert "was labelled with other settings (scoring.crops: 240 -> 8; scoring.expand_top: 40 -> 6)" in line
+    assert "was labelled with other settings (image.crops: 240 -> 8; image.expand_top: 40 -> 6)" in line
     assert "{" not in line  # no settings dicts
     query = shell.lgca("query", "out", "SELECT id, label FROM labels", "-o", "picked.csv")
     assert query.returncode == 0 and query.stdout == f"wrote {PHOTOS} rows to picked.csv\n"

@@ -33,6 +33,7 @@ from PIL import Image
 from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, ResourceConfig, ScoringParams,
                              TextConfig)
 from pipeline.data.decode import DecodeLimits, decode_image
+from pipeline.distributed.bench_states import measure_states
 from pipeline.method.boxes import full_view_box
 from pipeline.method.crops import cut_crops, pad_batch
 from pipeline.method.engine import BatchScores, Engine, ImageInput, encode_chunk
@@ -60,10 +61,14 @@ class BenchConfig:
     images: int = 0  # images per engine measurement and 1x pipeline run; 0 = calibrate (~2 minutes)
     batch_size: int = 0  # images per engine call and per actor call; 0 = min(32, images)
     skip_pipeline: bool = False
+    relabel_rows: int = 100_000  # source rows of the relabel and search measurements (the 1x run)
+    skip_relabel: bool = False
 
     def __post_init__(self) -> None:
         if self.images < 0 or self.batch_size < 0:
             raise ConfigError("images, batch_size: must be positive (or 0 for the default)")
+        if self.relabel_rows < 1:
+            raise ConfigError(f"relabel_rows: must be at least 1, got {self.relabel_rows}")
 
 
 @dataclass(frozen=True)
@@ -167,9 +172,10 @@ def crop_seconds(batch: list[ImageInput], scores: BatchScores, params: ScoringPa
 
 
 def time_method(loaded: LoadedModel, params: ScoringParams, images: list[ImageInput], batch_size: int,
-                shares: bool = False) -> Timing:
+                shares: bool = False, kept: list[BatchScores] | None = None) -> Timing:
     """Score ``images`` in batches with ``params.method``; with ``shares``, also time the encoder
-    (a wrapper that synchronises the GPU around each pass) and re-cut and time the crops."""
+    (a wrapper that synchronises the GPU around each pass) and re-cut and time the crops; each
+    batch's scores (with their image states) are appended to ``kept`` when given."""
     model = TimedModel(loaded.model, loaded.device) if shares else loaded.model
     engine = make_engine(model, loaded, params)
     total = crops = 0.0
@@ -182,6 +188,8 @@ def time_method(loaded: LoadedModel, params: ScoringParams, images: list[ImageIn
         total += time.perf_counter() - clock
         if shares:
             crops += crop_seconds(batch, scores, params, loaded)
+        if kept is not None:
+            kept.append(scores)
     return Timing(seconds=total, encode_seconds=model.seconds if shares else 0.0, crop_seconds=crops)
 
 
@@ -350,7 +358,18 @@ def targets(result: dict[str, Any]) -> dict[str, bool | None]:
             abs(result["lgca_over_wca_time"] / result["lgca_over_wca_floor"] - 1) <= 0.05,
             "crop_time_share_under_5pct": result["crop_time_share"] < 0.05,
             "pipeline_over_engine_at_least_0.85": None if pipeline is None else pipeline >= 0.85,
-            "peak_rss_flat_within_10pct": max(growth) <= 1.10 if len(growth) == 2 else None}
+            "peak_rss_flat_within_10pct": max(growth) <= 1.10 if len(growth) == 2 else None,
+            **states_targets(result)}
+
+
+def states_targets(result: dict[str, Any]) -> dict[str, bool | None]:
+    """The relabel and search targets of docs/benchmarks.md (None when not measured)."""
+    relabel, search = result.get("relabel_images_per_s"), result.get("search_states_per_s")
+    marginal = relabel and relabel["end_to_end_marginal"]
+    return {"relabel_scoring_at_least_20000_per_s": relabel["scoring"] >= 20_000 if relabel else None,
+            "relabel_end_to_end_marginal_at_least_5000_per_s": None if not marginal else marginal >= 5_000,
+            "relabel_over_label_above_10000": None if not marginal else result["relabel_over_label"] > 10_000,
+            "search_at_least_1000000_states_per_s": search["full"] >= 1_000_000 if search else None}
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -363,8 +382,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     batch_size = cfg.batch_size or min(MAX_BATCH, count)
     images = engine_images(jpegs, count, limits)
     gpu = loaded.device.type == "cuda"  # on a GPU the shares' synchronisation would slow the rate
+    kept: list[BatchScores] = []  # lgca's states of the bench images, for the relabel and search figures
     timing = {m: time_method(loaded, replace(cfg.scoring, method=m), images, batch_size,
-                             shares=m == "lgca" and not gpu) for m in METHODS}
+                             shares=m == "lgca" and not gpu, kept=kept if m == "lgca" else None) for m in METHODS}
     lgca, params = timing["lgca"], cfg.scoring
     if gpu:
         lgca = time_method(loaded, replace(params, method="lgca"), images, batch_size, shares=True)
@@ -384,6 +404,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if not cfg.skip_pipeline:
         runs, setup = run_pipeline(cfg, loaded, jpegs, count, batch_size)
         result.update(pipeline_summary(runs, result["engine_images_per_s"]["lgca"]), pipeline_setup=setup)
+    if not cfg.skip_relabel:
+        with tempfile.TemporaryDirectory(prefix="lgca-bench-states-") as temp:
+            result.update(measure_states(loaded, cfg.model, cfg.scoring, kept, CLASSES.split(","), cfg.relabel_rows,
+                                         Path(temp), cpu_count(), result["engine_images_per_s"]["lgca"]))
     result["targets"] = targets(result)
     return result
 
@@ -408,6 +432,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [f"peak RSS MB, {role}: " + " -> ".join(_number(mb, 4) for mb in sizes.values())
                   + f" (growth {_number(result['peak_rss_growth'][role])})"
                   for role, sizes in result["peak_rss_mb"].items()]
+    if result.get("relabel_images_per_s"):
+        relabel = result["relabel_images_per_s"]
+        lines += [f"relabel, {result['relabel_classes']} classes, images/s: scoring {_number(relabel['scoring'])}, "
+                  f"end to end {_number(relabel['end_to_end'])} (marginal {_number(relabel['end_to_end_marginal'])}, "
+                  f"fixed start-up {_number(result['relabel_fixed_startup_s'])} s); over label "
+                  f"{_number(result['relabel_over_label'])}",
+                  "search states/s: " + ", ".join(f"{v} {_number(r)}" for v, r in result["search_states_per_s"].items())]
     lines += [f"target {name}: {'n/a' if met is None else 'met' if met else 'NOT met'}"
               for name, met in result["targets"].items()]
     return "\n".join(lines) + "\n"
@@ -421,7 +452,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     model = ModelConfig(name=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
     scoring = ScoringParams(**given_options(args, ("crops", "steps", "expand-top"))["scoring"])
     return BenchConfig(model=model, scoring=scoring, images=args.images, batch_size=args.batch_size,
-                       skip_pipeline=args.skip_pipeline)
+                       skip_pipeline=args.skip_pipeline, relabel_rows=args.relabel_rows, skip_relabel=args.skip_relabel)
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -439,5 +470,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", type=int, default=0,
                         help=f"images per measurement (default: calibrated for about {TARGET_SECONDS:.0f} s)")
     parser.add_argument("--skip-pipeline", action="store_true", help="measure the engine only")
+    parser.add_argument("--relabel-rows", type=int, default=100_000,
+                        help="source rows for the relabel and search figures (default: 100000; and 4x as many)")
+    parser.add_argument("--skip-relabel", action="store_true", help="leave out the relabel and search figures")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_handle)

@@ -31,7 +31,7 @@ from pipeline.data.decode import DecodeLimits, Decoded, decode_image
 from pipeline.data.rows import error_reason
 from pipeline.data.sources import (check_parquet_columns, detect_kind, iter_parquet_rows, list_image_files,
                                    list_shards, read_file)
-from pipeline.method.engine import BatchScores, Engine, ImageInput
+from pipeline.method.engine import BatchScores, Engine, ImageInput, score_apart
 from pipeline.model.classes import ClassSet, load_class_set, normalize_name
 from pipeline.model.loading import load_model
 from pipeline.options import SCORING_FLAGS, add_option_arguments, given_options, options_of
@@ -247,29 +247,28 @@ def evaluate_batch(engine: Engine, batch: list[tuple[Sample, Decoded]], tally: T
                    writer: pq.ParquetWriter | None, names: Sequence[str]) -> None:
     """Score the decoded images of one batch; count them and the errors in ``tally``, write their rows.
 
-    If scoring the batch fails, its images are scored one by one, so that only an image that
-    fails alone becomes an error (``score: ...``), as in the pipeline's model actor.
+    If scoring the batch fails, its images are scored one by one (:func:`score_apart`, as in the
+    pipeline's model actor), so that only an image that fails alone becomes an error (``score: ...``).
     """
-    good = [(sample, decoded) for sample, decoded in batch if decoded.error is None]
-    try:
-        scores = engine.score([ImageInput(s.id, d.pixels, d.height, d.width) for s, d in good]) if good else None
-    except (RuntimeError, ValueError) as exc:
-        if len(good) > 1:
-            log.warning("batch of %d failed (%s); scoring its images one by one", len(good), exc)
-            for item in batch:
-                evaluate_batch(engine, [item], tally, writer, names)
-            return
-        message = f"score: {type(exc).__name__}: {exc}"
-        batch = [(sample, Decoded(None, 0, 0, message) if decoded.error is None else decoded)
-                 for sample, decoded in batch]
-        scores = None
-    if scores is not None:
-        tally.add(scores, torch.tensor([sample.label for sample, _ in good]))
-    for _, decoded in batch:
-        if decoded.error is not None:
-            tally.add_error(decoded.error)
-    if writer is not None:
-        writer.write_table(prediction_table([s for s, _ in batch], [d.error for _, d in batch], scores, names))
+    good = [i for i, (_, decoded) in enumerate(batch) if decoded.error is None]
+    images = [ImageInput(batch[i][0].id, batch[i][1].pixels, batch[i][1].height, batch[i][1].width) for i in good]
+    groups = score_apart(engine.score, images)
+    if len(groups) > 1:  # scored one by one: each image is its own group, rows in batch order
+        alone = {good[members[0]]: (scores, error) for members, scores, error in groups}
+        parts = [([item], alone.get(i, (None, None))) for i, item in enumerate(batch)]
+    else:
+        parts = [(batch, (groups[0][1], groups[0][2]) if groups else (None, None))]
+    for items, (scores, error) in parts:
+        if error is not None:
+            items = [(sample, Decoded(None, 0, 0, error) if decoded.error is None else decoded)
+                     for sample, decoded in items]
+        if scores is not None:
+            tally.add(scores, torch.tensor([sample.label for sample, decoded in items if decoded.error is None]))
+        for _, decoded in items:
+            if decoded.error is not None:
+                tally.add_error(decoded.error)
+        if writer is not None:
+            writer.write_table(prediction_table([s for s, _ in items], [d.error for _, d in items], scores, names))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ twice. Every run is incremental, so a schedule (cron, systemd, Kubernetes) is a 
 submit. What travels with the job, and how:
 
 - the spec, inside the entrypoint, as a base64 ``data:`` URI that ``lgca label --config``
-  opens with fsspec: the cluster needs no copy of the file and runs exactly the spec that
-  was validated here;
+  (``lgca relabel --config`` for a spec with ``kind: relabel``) opens with fsspec: the
+  cluster needs no copy of the file and runs exactly the spec that was validated here;
 - the code, as the runtime_env ``working_dir`` (the project root by default), unless the
   cluster's image has the package installed (``--no-working-dir``);
 - the ``AWS_*`` settings of the submitting shell, as runtime_env ``env_vars``: endpoint,
@@ -34,9 +34,9 @@ from typing import Any, Mapping, TextIO
 
 import yaml
 
-from pipeline.config import ConfigError, LabelJob, SubmitError
+from pipeline.config import ConfigError, LabelJob, RelabelJob, SubmitError
 from pipeline.model.loading import check_names
-from pipeline.options import build_job, read_job_file
+from pipeline.options import build_job, read_job_spec
 from pipeline.storage import is_credential, worker_env
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,18 @@ def check_slot(slot: str) -> str:
     return slot
 
 
-def load_spec(uri: str) -> tuple[dict[str, Any], LabelJob]:
-    """Read and validate a job spec; returns its options (without ``address``) and the job.
+def load_spec(uri: str) -> tuple[dict[str, Any], LabelJob | RelabelJob]:
+    """Read and validate a job spec (``kind: label``, the default, or ``kind: relabel``); returns
+    its options (without ``address``, with ``kind`` for a relabel) and the job.
 
     ``address`` is dropped: a submitted driver runs inside the cluster and connects
     through the ``RAY_ADDRESS`` the job server gives it.
     """
-    options = read_job_file(uri)
+    kind, options = read_job_spec(uri)
     if options.pop("address", None):
         log.info("ignoring 'address' of %s: the job runs inside the cluster it is submitted to", uri)
-    return options, build_job(options)
+    job = build_job(options, kind)
+    return ({**options, "kind": kind} if kind != "label" else options), job
 
 
 def spec_data_uri(options: Mapping[str, Any]) -> str:
@@ -150,7 +152,9 @@ def build_submission(spec: str, slot: str, working_dir: str | None, forward_aws:
         raise ConfigError("forward_credentials: --forward-credentials sends AWS settings, --no-forward-aws-env "
                           "sends none; drop one")
     options, job = load_spec(spec)
-    check_names(job.model)
+    kind = options.get("kind", "label")
+    if isinstance(job, LabelJob):  # a relabel's model is its source's, read where it runs
+        check_names(job.model)
     runtime_env: dict[str, Any] = {}
     if working_dir == "":
         working_dir = str(project_root())
@@ -163,7 +167,7 @@ def build_submission(spec: str, slot: str, working_dir: str | None, forward_aws:
         runtime_env["env_vars"] = env
     if entrypoint_num_cpus < 0:
         raise ConfigError(f"entrypoint_num_cpus: must be 0 or more, got {entrypoint_num_cpus}")
-    entrypoint = f"python -m pipeline.cli label --config {shlex.quote(spec_data_uri(options))}"
+    entrypoint = f"python -m pipeline.cli {kind} --config {shlex.quote(spec_data_uri(options))}"
     return Submission(submission_id=f"{job.name}-{check_slot(slot)}", entrypoint=entrypoint,
                       runtime_env=runtime_env, entrypoint_num_cpus=entrypoint_num_cpus,
                       metadata={"lgca_spec": spec, "lgca_name": job.name, "lgca_slot": slot})
@@ -310,9 +314,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Add the ``submit`` subcommand to the ``lgca`` command line."""
     parser = commands.add_parser(
         "submit", help="submit a job spec to a Ray cluster as a Ray job (once per slot)",
-        description="Validate a job spec here, then run `lgca label` with it on a Ray cluster. "
+        description="Validate a job spec here, then run `lgca label` (or `lgca relabel` for a spec with "
+                    "'kind: relabel') with it on a Ray cluster. "
                     "The job id is <name>-<slot>; a slot that was already submitted is not run again.")
-    parser.add_argument("spec", help="YAML job spec (the file `lgca label --config` reads)")
+    parser.add_argument("spec", help="YAML job spec (the file `lgca label --config` or `lgca relabel --config` reads)")
     parser.add_argument("--address", help="Ray dashboard URL, e.g. http://HEAD:8265 (default: "
                                           "RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else the local Ray's "
                                           f"{LOCAL_DASHBOARD})")

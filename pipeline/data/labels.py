@@ -1,4 +1,5 @@
-"""An output's rows as one lazily read table: a pyarrow dataset, and DuckDB's view ``labels``.
+"""An output's rows as one lazily read table: a pyarrow dataset, and DuckDB's views ``labels``
+(every column but the image states) and ``labels_with_states`` (every column).
 
 The Parquet files under ``OUTPUT/data`` are opened through fsspec (the filesystem the
 pipeline writes with, so local folders and ``s3://`` work alike) and registered with DuckDB,
@@ -17,6 +18,7 @@ from pipeline.config import QueryError, StorageConfig
 from pipeline.data.output import Output
 from pipeline.data.retry import readable_files
 from pipeline.data.rows import SCHEMA
+from pipeline.data.states import STATE_COLUMNS
 from pipeline.storage import filesystem
 
 LABELS_VIEW = "labels"
@@ -25,6 +27,7 @@ ROWS_TABLE = "lgca_rows"  # the registered dataset; `labels` is a view over it
 # `margin` column, or for rows written before it existed (read back as null), the same float32
 # difference of the first two top-k scores (null where there is only one).
 MARGIN_SQL = "coalesce(margin, CAST(topk_scores[1] - topk_scores[2] AS FLOAT))"
+STATES_VIEW = "labels_with_states"
 
 
 def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
@@ -42,11 +45,14 @@ def labels_dataset(output: str, storage: StorageConfig) -> ds.Dataset:
 
 
 def connect(output: str, storage: StorageConfig) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the output's rows as the view ``labels``, whose
-    ``margin`` is MARGIN_SQL (so outputs written without the column have one too)."""
+    """An in-memory DuckDB connection with the output's rows as the views ``labels_with_states``
+    and ``labels`` (the same without the image states: ``SELECT *`` stays readable and light).
+    ``margin`` is MARGIN_SQL in both (so outputs written without the column have one too), and an
+    output written before states were kept reads them as null."""
     con = duckdb.connect()
     con.register(ROWS_TABLE, labels_dataset(output, storage))
-    con.execute(f"CREATE VIEW {LABELS_VIEW} AS SELECT * REPLACE ({MARGIN_SQL} AS margin) FROM {ROWS_TABLE}")
+    con.execute(f"CREATE VIEW {STATES_VIEW} AS SELECT * REPLACE ({MARGIN_SQL} AS margin) FROM {ROWS_TABLE}")
+    con.execute(f"CREATE VIEW {LABELS_VIEW} AS SELECT * EXCLUDE ({', '.join(STATE_COLUMNS)}) FROM {STATES_VIEW}")
     return con
 
 

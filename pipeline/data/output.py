@@ -106,21 +106,7 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 MISSING_SETTING = "(none)"
-
-
-def settings_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``["scoring.crops: 60 -> 8", ...]``: each setting that differs, by its dotted name. The text
-    settings are digests of the class, description and template files: those say ``changed``."""
-    old, new = _flat(before), _flat(after)
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key, MISSING_SETTING) == new.get(key, MISSING_SETTING):
-            continue
-        if key.startswith("text."):
-            lines.append(f"{key}: changed")
-        else:
-            lines.append(f"{key}: {old.get(key, MISSING_SETTING)} -> {new.get(key, MISSING_SETTING)}")
-    return lines
+DIGESTS = ("classes", "descriptions", "templates")  # the text side's file digests (ClassSet.digests)
 
 
 def shard_key(uri: str, version: str | None) -> str:
@@ -171,6 +157,56 @@ def _read_each(fs: Any, paths: Sequence[str], read: Callable[[Any, str], T], the
             raise OutputError(f"{path}: cannot read this output file ({type(exc).__name__}: {exc}); nothing "
                               "was removed: check access to the output and run again") from exc
         yield values
+
+
+# The manifest's two sides (docs/output-schema.md): what the image states depend on, and what
+# only the text side does (relabel may change those without encoding an image again).
+IMAGE_SETTINGS = ("crops", "alpha", "beta", "lambda_v", "steps", "expand_top", "expand_ratio", "seed")
+TEXT_SETTINGS = ("method", "lambda_t", "aggregation", "top_k")
+
+
+def make_manifest(model: str, pretrained: str, scoring: dict[str, Any], digests: dict[str, str],
+                  states: dict[str, Any] | None, source: str = "") -> dict[str, Any]:
+    """What every row of an output depends on: ``image`` (model, weights, N, alpha, beta,
+    lambda_v, T, K, r, seed), ``text`` (method, lambda_t, aggregation, top-k and the digests of
+    the classes, descriptions and templates), ``states`` (the kept states' dtype, dim and steps,
+    or None) and, for ``lgca relabel`` outputs, the ``source`` output they were scored from."""
+    manifest = {"image": {"model": model, "pretrained": pretrained, **{k: scoring[k] for k in IMAGE_SETTINGS}},
+                "text": {**{k: scoring[k] for k in TEXT_SETTINGS}, **digests}, "states": states}
+    if source:
+        manifest["source"] = source
+    return manifest
+
+
+def manifest_form(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` in the form of :func:`make_manifest`. The earlier flat form (model, pretrained,
+    scoring, text digests) is read into its two sides, without ``states``: its rows hold none."""
+    if "scoring" not in manifest:
+        return manifest
+    scoring = manifest["scoring"]
+    image = {"model": manifest.get("model"), "pretrained": manifest.get("pretrained"),
+             **{k: scoring[k] for k in IMAGE_SETTINGS if k in scoring}}
+    return {"image": image, "text": {**{k: scoring[k] for k in TEXT_SETTINGS if k in scoring},
+                                     **manifest.get("text", {})}}
+
+
+def manifest_changes(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``side.key: old -> new`` for every setting that differs between two manifests (either
+    form), e.g. ``image.crops: 60 -> 8``; the digests of the class, description and template
+    files say ``changed``. ``states`` counts only where the existing manifest records it: an
+    output written before states were kept accepts a run that keeps them (its older rows just
+    have none)."""
+    old, new = _flat(manifest_form(existing)), _flat(manifest_form(wanted))
+    if not any(key == "states" or key.startswith("states.") for key in old):
+        new = {key: value for key, value in new.items() if key != "states" and not key.startswith("states.")}
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, MISSING_SETTING), new.get(key, MISSING_SETTING)
+        if before == after:
+            continue
+        digest = key.split(".")[-1] in DIGESTS
+        lines.append(f"{key}: changed" if digest else f"{key}: {before} -> {after}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -332,14 +368,15 @@ class Output:
 
     def check_manifest(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Refuse to add rows scored differently from the output's existing rows (unless
-        ``overwrite``: :meth:`start` then removes them), naming each setting that differs.
-        Changes nothing."""
+        ``overwrite``: :meth:`start` then removes them). Changes nothing. A manifest of the
+        earlier flat form is compared in the current form (:func:`manifest_changes`)."""
         existing = self.read_manifest()
         labelled = existing is not None and bool(self.data_files())
-        if labelled and existing != fingerprint and not overwrite:
-            changed = "; ".join(settings_diff(existing, fingerprint))
-            raise ConfigError(f"output: {self.root} was labelled with other settings ({changed}). Use a new --output, "
-                              "or pass --overwrite to relabel everything")
+        changes = manifest_changes(existing, fingerprint) if labelled else []
+        if changes and not overwrite:
+            raise ConfigError(
+                f"output: {self.root} was labelled with other settings ({'; '.join(changes)}). Use a new --output, "
+                "or pass --overwrite to relabel everything")
 
     def start(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Write the manifest, before any cluster resource is used; with ``overwrite``, first

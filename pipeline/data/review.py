@@ -16,7 +16,7 @@ import duckdb
 
 from pipeline.config import QueryError, StorageConfig
 from pipeline.data.labels import LABELS_VIEW
-from pipeline.data.output import Output
+from pipeline.data.output import Output, manifest_form
 
 SELECTED_VIEW = "selected"
 
@@ -74,11 +74,12 @@ class Provenance:
 def provenance(output: str, storage: StorageConfig, runs: list[dict[str, Any]] | None = None) -> Provenance:
     """The output's model, weights and method from its manifest (else its latest run record),
     and the class names of its latest run record. ``runs`` saves reading the records again."""
-    manifest = Output(output, storage).read_manifest() or {}
+    manifest = manifest_form(Output(output, storage).read_manifest() or {})
+    image, text = manifest.get("image") or {}, manifest.get("text") or {}
     runs = Output(output, storage).runs() if runs is None else runs
     latest = runs[-1] if runs else {}
     model = latest.get("model") or {}
-    return Provenance(model=manifest.get("model", model.get("name")),
-                      pretrained=manifest.get("pretrained", model.get("pretrained")),
-                      method=manifest.get("scoring", {}).get("method") or latest.get("scoring", {}).get("method"),
+    return Provenance(model=image.get("model", model.get("name")),
+                      pretrained=image.get("pretrained", model.get("pretrained")),
+                      method=text.get("method") or latest.get("scoring", {}).get("method"),
                       classes=tuple(latest.get("classes") or ()))

@@ -20,15 +20,16 @@ from importlib import metadata
 from typing import Any, Collection, Sequence
 
 from pipeline.config import ConfigError, LabelJob, LgcaError, OutputError, to_dict
-from pipeline.data.output import IdSet, Output, ShardMarks, shard_key
+from pipeline.data.output import IdSet, Output, ShardMarks, make_manifest, shard_key
 from pipeline.data.retry import ErrorRows, find_error_rows, finish_replacement, parse_stages, take_out_listed
 from pipeline.data.rows import error_reason
 from pipeline.data.sources import check_parquet_columns, detect_kind, list_image_files, list_shard_versions
+from pipeline.data.states import StateSpec, steps_for
 from pipeline.distributed import plan
 from pipeline.distributed.console import Display, configure_ray_output, core_worker_noise_dropped, init_options
 from pipeline.distributed.progress import counter_reporter, start_counter
 from pipeline.model.classes import ClassSet, load_class_set
-from pipeline.model.loading import RANDOM_WEIGHTS_SEED, check_weights, model_input_size
+from pipeline.model.loading import RANDOM_WEIGHTS_SEED, check_weights, model_embed_dim, model_input_size
 from pipeline.storage import redact, remove_folder
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,13 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def fingerprint(job: LabelJob, classes: ClassSet) -> dict[str, Any]:
-    """What the output's rows depend on; a re-run must match it (else --overwrite)."""
-    scoring = dataclasses.asdict(job.scoring)
-    scoring.pop("encode_batch_size")
-    return {"model": job.model.name, "pretrained": job.model.pretrained, "scoring": scoring,
-            "text": classes.digests()}
+def fingerprint(job: LabelJob, classes: ClassSet, dim: int) -> dict[str, Any]:
+    """What the output's rows depend on (image side, text side, kept states of D = ``dim``
+    values per vector); a re-run must match it (else --overwrite)."""
+    scoring = job.scoring
+    states = (StateSpec(job.states.dtype, dim, steps_for(scoring.method, scoring.steps)).to_json()
+              if job.states.kept else None)
+    return make_manifest(job.model.name, job.model.pretrained, dataclasses.asdict(scoring), classes.digests(), states)
 
 
 @dataclass(frozen=True)
@@ -147,12 +149,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def prepare(job: LabelJob) -> tuple[ClassSet, int]:
+def prepare(job: LabelJob) -> tuple[ClassSet, int, int]:
     """Driver-side validation that needs files: classes, model name and weights (a tag's weights
-    fetched now, see :func:`~pipeline.model.loading.check_weights`)."""
+    fetched now, see :func:`~pipeline.model.loading.check_weights`). Returns the classes, the
+    model's input size and its embedding size."""
     classes = load_class_set(job.text, job.storage)
     check_weights(job.model, job.storage)
-    return classes, model_input_size(job.model.name)
+    return classes, model_input_size(job.model.name), model_embed_dim(job.model.name)
 
 
 def ray_address(job: LabelJob) -> str:
@@ -319,10 +322,10 @@ def run_label_job(job: LabelJob, display: Display = Display()) -> RunSummary:
     :class:`Interrupted` once the run's record says how far it got."""
     started, clock = datetime.now(timezone.utc), time.monotonic()
     check_local_resources(job)
-    classes, image_size = prepare(job)
+    classes, image_size, dim = prepare(job)
     output = Output(job.output, job.storage)
     output.check_folder()
-    manifest = fingerprint(job, classes)
+    manifest = fingerprint(job, classes, dim)
     output.check_manifest(manifest, job.overwrite)
     stages = retry_stages(job)
     if not job.overwrite:
@@ -373,6 +376,7 @@ def run_metadata(run: Run, summary: RunSummary, status: str = "done", error: str
         "started_at": run.started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
         "inputs": list(job.inputs.uris), "output": job.output,
         "model": to_dict(job.model), "scoring": to_dict(job.scoring), "resources": to_dict(job.resources),
+        "states": to_dict(job.states),
         "seed": job.scoring.seed, "classes": list(classes.names), "templates": list(classes.templates),
         "text_digests": classes.digests(), "text_sources": to_dict(classes.sources), "versions": package_versions(),
         "counts": {"ok": summary.ok, "error": summary.errors, "skipped": summary.skipped,

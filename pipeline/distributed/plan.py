@@ -1,14 +1,18 @@
-"""The Ray Data plan: read bytes -> decode on CPUs -> score on model actors -> Parquet.
+"""The Ray Data plans. ``lgca label``: read bytes -> decode on CPUs -> score on model actors ->
+Parquet. ``lgca relabel``: read a source output's rows and states -> score them on CPUs with a
+shared text bank -> Parquet.
 
 The only module that calls ``map_batches``. Data streams through: the driver lists
-file URIs (or shard URIs) only; bytes, pixels and scores live in Ray's object store.
+file URIs (or shard URIs) only; bytes, pixels, states and scores live in Ray's object store.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 from ray.data.datasource import FilenameProvider
@@ -16,13 +20,17 @@ from ray.data.datasource import FilenameProvider
 from pipeline.config import LabelJob
 from pipeline.data.decode import DecodeLimits, decode_batch
 from pipeline.data.output import IdSet, Output, ShardMarks
+from pipeline.data.rows import parquet_options
 from pipeline.data.sources import iter_parquet_rows, iter_tar_rows, read_files_batch
+from pipeline.data.stored import SourceRead, read_source_file
 from pipeline.distributed.progress import CountedLabelActor
 from pipeline.model.classes import ClassSet
 from pipeline.storage import filesystem, worker_env
 
 FILES_PER_READ = 32  # loose files per read task
 DECODE_BATCH = 8  # images per decode call
+SOURCE_BYTES_PER_READ = 64 << 20  # a relabel read task takes source files up to this size in all
+log = logging.getLogger(__name__)
 
 
 def remote_env() -> dict:
@@ -158,8 +166,66 @@ def build(work: WorkList, job: LabelJob, classes: ClassSet, done: IdSet, run_id:
         compute=ray.data.ActorPoolStrategy(min_size=res.actors_min, max_size=res.actors_max),
         fn_constructor_kwargs={"progress": progress, "model": job.model, "classes": classes, "scoring": scoring,
                                "storage": job.storage, "run_id": run_id, "batch_size": res.batch_size,
-                               "threads": res.threads_per_actor},
+                               "threads": res.threads_per_actor, "states": job.states},
         num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, **remote)
+
+
+def source_items(files: Sequence[tuple[str, str | None]]) -> list[dict]:
+    """Relabel read tasks: consecutive source files (uri, version) up to SOURCE_BYTES_PER_READ in
+    all by their listed sizes (a CPU label run writes files of a few dozen rows; one task each
+    would cost more than their scoring); a file of unknown size counts 1/32 of that."""
+    items, group, size = [], [], 0
+    for uri, version in files:
+        known = version.split(":", 1)[0] if version else ""
+        group.append(uri)
+        size += int(known) if known.isdigit() else SOURCE_BYTES_PER_READ // 32
+        if size >= SOURCE_BYTES_PER_READ:
+            items.append({"uris": group})
+            group, size = [], 0
+    return items + ([{"uris": group}] if group else [])
+
+
+def read_sources(batch: dict, read: SourceRead, storage: Any, done: IdSet | ray.ObjectRef | None,
+                 marks: ShardMarks) -> Iterator[pa.Table]:
+    """The rows of the source files of the read tasks in ``batch`` (:func:`source_items`), without
+    the ids already in the output. Each file is marked read to its end, or broken off where it
+    cannot be read (its rows are unknown: the next run reads it again)."""
+    if isinstance(done, ray.ObjectRef):
+        done = ray.get(done)
+    for uris in batch["uris"]:
+        for uri in uris:
+            fs, path = filesystem(str(uri), storage)
+            try:
+                yield from read_source_file(fs, path, read, done)
+            except (pa.ArrowException, OSError) as exc:
+                log.warning("cannot read source file %s (%s: %s): its rows are scored by a later run",
+                            uri, type(exc).__name__, exc)
+                marks.mark(str(uri), whole=False)
+                continue
+            marks.mark(str(uri), whole=True)
+
+
+def relabel_batch(batch: pa.Table, context: Any) -> pa.Table:
+    """:func:`~pipeline.distributed.actor.score_source_rows` with the shared context (an ObjectRef:
+    every task on a node reads the same text bank from the object store, without a copy)."""
+    from pipeline.distributed.actor import score_source_rows  # torch only in the scoring workers
+
+    return score_source_rows(batch, ray.get(context) if isinstance(context, ray.ObjectRef) else context)
+
+
+def build_relabel(files: Sequence[tuple[str, str | None]], job: Any, read: SourceRead, context: ray.ObjectRef,
+                  done: IdSet, marks: ShardMarks) -> ray.data.Dataset:
+    """The relabel plan up to the write: read tasks over the source's files, fused by Ray with the
+    CPU scoring of their rows (``job.resources.batch_size`` rows a call), no model anywhere."""
+    remote = remote_env()
+    stage = {"num_cpus": job.resources.cpus_per_task, **remote}
+    items = source_items(files)
+    done_ref = ray.put(done) if len(done) else None
+    rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_sources, fn_kwargs={"read": read, "storage": job.storage, "done": done_ref, "marks": marks},
+        batch_size=None, **stage)
+    return rows.map_batches(relabel_batch, fn_kwargs={"context": context}, batch_size=job.resources.batch_size,
+                            batch_format="pyarrow", **stage)
 
 
 def write(dataset: ray.data.Dataset, output: Output, job: LabelJob, run_id: str) -> None:
@@ -168,5 +234,5 @@ def write(dataset: ray.data.Dataset, output: Output, job: LabelJob, run_id: str)
     fs.makedirs(path, exist_ok=True)
     dataset.write_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
                           filename_provider=RunFiles(run_id), min_rows_per_file=job.resources.file_rows,
-                          ray_remote_args=remote_env())
+                          ray_remote_args=remote_env(), **parquet_options())
 

@@ -9,6 +9,7 @@ larger than the model input.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ class Preprocess:
 
 
 PAD_LIMIT = 2.0  # a padded group may hold at most this many times its images' own pixels
+MIN_CROPS_PER_THREAD = 4  # fewer crops per thread are cut on the calling thread alone
 
 
 @dataclass
@@ -137,7 +139,21 @@ def cut_crops(batch: PixelBatch, image_index: torch.Tensor, boxes: torch.Tensor,
 
 def _roi_align(pixels: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
     """``[M, 3, size, size]`` bilinear crops of ``pixels`` ``[G, 3, H, W]`` at ``rois``
-    ``[M, 5]`` (slot, x1, y1, x2, y2), averaging where a crop is larger than the output."""
+    ``[M, 5]`` (slot, x1, y1, x2, y2), averaging where a crop is larger than the output.
+
+    torchvision's CPU kernel runs on one thread (about 3 ms per 224-px crop, whatever torch's
+    thread count), so on the CPU the crops are split over ``torch.get_num_threads()`` Python
+    threads (the op releases the GIL); each crop is computed alone, so the result is the same
+    bit for bit. A GPU kernel is parallel already.
+    """
+    parts = min(torch.get_num_threads(), len(rois) // MIN_CROPS_PER_THREAD) if pixels.device.type == "cpu" else 1
+    if parts <= 1:
+        return _roi_align_one(pixels, rois, size)
+    with ThreadPoolExecutor(parts, thread_name_prefix="lgca-crops") as pool:
+        return torch.cat(list(pool.map(functools.partial(_roi_align_one, pixels, size=size), rois.tensor_split(parts))))
+
+
+def _roi_align_one(pixels: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
     return roi_align(pixels, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 

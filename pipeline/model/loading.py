@@ -185,6 +185,15 @@ def model_input_size(name: str) -> int:
     return _square_side(vision["image_size"], "model")
 
 
+def model_embed_dim(name: str) -> int:
+    """D, the embedding size of model ``name`` (the length of its image states), from its config."""
+    resolved = resolve_model_name(name)
+    config = open_clip.get_model_config(resolved)
+    if "embed_dim" not in config:
+        raise ConfigError(f"model: config of {resolved!r} has no embed_dim")
+    return int(config["embed_dim"])
+
+
 def resolve_device(device: str) -> torch.device:
     """``'auto'`` -> CUDA when available, else CPU; CUDA requests are checked to exist."""
     if device == "auto":

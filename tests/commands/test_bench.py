@@ -16,6 +16,8 @@ from pipeline.commands.bench import MEMORY_SPLIT_KNOWN, PeakRssPoller, config_fr
 ENGINE_METHODS = {"clip", "wca", "lgca"}
 TARGETS = {"lgca_over_wca_within_5pct_of_floor", "crop_time_share_under_5pct",
            "pipeline_over_engine_at_least_0.85", "peak_rss_flat_within_10pct"}
+STATE_TARGETS = {"relabel_scoring_at_least_20000_per_s", "relabel_end_to_end_marginal_at_least_5000_per_s",
+                 "relabel_over_label_above_10000", "search_at_least_1000000_states_per_s"}
 
 
 def run(argv: list[str]) -> int:
@@ -32,7 +34,7 @@ def tiny(pretrained) -> list[str]:
 
 def test_bench_json_reports_engine_pipeline_and_memory(capsys):
     with pytest.warns(UserWarning, match="random weights"):
-        assert run(tiny("none") + ["--json"]) == 0
+        assert run(tiny("none") + ["--json", "--skip-relabel"]) == 0
     report = json.loads(capsys.readouterr().out)
 
     assert (report["images"], report["batch_size"], report["model"]) == (4, 4, "lgca-tiny")
@@ -59,11 +61,35 @@ def test_bench_json_reports_engine_pipeline_and_memory(capsys):
     for size in runs:  # the actor's own memory is its resident set without the shared pages
         assert size["actor_peak_rss_mb"] <= size["actor_peak_vmhwm_mb"]
         assert 0 <= size["actor_peak_shared_mb"] < size["actor_peak_vmhwm_mb"]
-    assert set(report["targets"]) == TARGETS and all(isinstance(v, bool) for v in report["targets"].values())
+    assert set(report["targets"]) == TARGETS | STATE_TARGETS
+    assert all(isinstance(report["targets"][name], bool) for name in TARGETS)
+    assert all(report["targets"][name] is None for name in STATE_TARGETS) and "relabel_images_per_s" not in report
+
+
+def test_bench_relabels_and_searches_the_engines_states(tiny_checkpoint, capsys):
+    assert run(tiny(tiny_checkpoint) + ["--skip-pipeline", "--relabel-rows", "600", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["relabel_classes"] == 1000 and report["relabel_rows"] == {"1x": 600, "4x": 2400}
+    rates = report["relabel_images_per_s"]
+    assert rates["scoring"] > 0 and rates["end_to_end"] == pytest.approx(2400 / report["relabel_seconds"]["4x"])
+    seconds, bank = report["relabel_seconds"], report["relabel_run_text_bank_s"]
+    assert 0 < bank["1x"] < seconds["1x"] and 0 < bank["4x"] < seconds["4x"]
+    scoring = {size: seconds[size] - bank[size] for size in seconds}  # the runs without their text bank
+    if scoring["4x"] > scoring["1x"]:  # else the noise of two short runs hid the 1800 more rows
+        assert rates["end_to_end_marginal"] == pytest.approx(1800 / (scoring["4x"] - scoring["1x"]))
+        assert report["relabel_over_label"] == pytest.approx(
+            rates["end_to_end_marginal"] / report["engine_images_per_s"]["lgca"])
+        assert report["relabel_fixed_startup_s"] == pytest.approx(seconds["1x"] - 600 / rates["end_to_end_marginal"])
+    assert report["relabel_scoring_over_label"] == pytest.approx(rates["scoring"] / report["engine_images_per_s"]["lgca"])
+    # lgca-tiny: D = 64, T = 2: k_0 and 3 pooled vectors of float16 bytes, plus the labels
+    assert 4 * 64 * 2 < report["source_bytes_per_row"] < 4 * 64 * 2 + 1000
+    assert set(report["search_states_per_s"]) == {"full", "lgca"} and min(report["search_states_per_s"].values()) > 0
+    assert report["targets"]["search_at_least_1000000_states_per_s"] in (True, False)
+    assert isinstance(report["targets"]["relabel_scoring_at_least_20000_per_s"], bool)
 
 
 def test_bench_engine_only_prints_a_table_without_pipeline_numbers(tiny_checkpoint, capsys):
-    assert run(tiny(tiny_checkpoint) + ["--skip-pipeline", "--batch-size", "3"]) == 0
+    assert run(tiny(tiny_checkpoint) + ["--skip-pipeline", "--skip-relabel", "--batch-size", "3"]) == 0
     table = capsys.readouterr().out
     assert "4 images, batch 3; N=8 T=2 K=2" in table
     assert "(floor 1.444)" in table and "engine images/s: clip " in table
@@ -71,7 +97,7 @@ def test_bench_engine_only_prints_a_table_without_pipeline_numbers(tiny_checkpoi
     assert "target pipeline_over_engine_at_least_0.85: n/a" in table
     assert "target peak_rss_flat_within_10pct: n/a" in table
 
-    assert run(tiny(tiny_checkpoint) + ["--skip-pipeline", "--json"]) == 0
+    assert run(tiny(tiny_checkpoint) + ["--skip-pipeline", "--skip-relabel", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["pipeline_images_per_s"] is None and report["peak_rss_mb"] is None
     assert report["targets"]["pipeline_over_engine_at_least_0.85"] is None
@@ -83,6 +109,7 @@ def test_defaults_are_vit_b_32_with_random_weights_and_calibrated_sizes():
     cfg = config_from_args(parser.parse_args(["bench"]))
     assert (cfg.model.name, cfg.model.pretrained, cfg.model.device) == ("ViT-B-32", "none", "auto")
     assert (cfg.images, cfg.batch_size, cfg.skip_pipeline) == (0, 0, False)
+    assert (cfg.relabel_rows, cfg.skip_relabel) == (100_000, False)
     assert (cfg.scoring.crops, cfg.scoring.steps, cfg.scoring.expand_top) == (60, 3, 6)
 
 

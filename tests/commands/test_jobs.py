@@ -12,7 +12,7 @@ import ray
 import yaml
 
 from pipeline.commands.submit import build_submission
-from pipeline.options import build_job, job_to_options, read_job_file
+from pipeline.options import build_job, job_to_options, read_job_file, read_job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "jobs"
@@ -48,14 +48,24 @@ def test_cron_field_checker_rejects_bad_fields():
 
 
 def test_every_spec_builds_a_named_job_that_round_trips():
-    assert [p.name for p in SPECS] == ["example-local.yaml", "example-pets.yaml"]
+    assert [p.name for p in SPECS] == ["example-local.yaml", "example-pets-relabel.yaml", "example-pets.yaml"]
     names = set()
     for path in SPECS:
-        job = build_job(read_job_file(str(path)))
+        kind, options = read_job_spec(str(path))
+        job = build_job(options, kind)
         names.add(job.name)
-        assert build_job(job_to_options(job)) == job
+        again = job_to_options(job)
+        assert again.pop("kind", "label") == kind and build_job(again, kind) == job
         assert not job.address  # a spec is submitted to a cluster, never bound to one
-    assert names == {"lgca-local", "lgca-pets"}
+    assert names == {"lgca-local", "lgca-pets", "lgca-pets-groups"}
+
+
+def test_pets_relabel_spec_scores_the_pets_labels_states_with_other_classes():
+    job = build_job(read_job_file(str(JOBS / "example-pets-relabel.yaml"), "relabel"), "relabel")
+    pets = build_job(read_job_file(str(JOBS / "example-pets.yaml")))
+    assert job.source == pets.output and job.output != pets.output
+    assert (job.scoring.method, job.scoring.steps, job.model.name) == ("lgca", -1, "")  # the source's model and T
+    assert job.storage == pets.storage
 
 
 def test_pets_spec_runs_lgca_on_gpus_from_s3():
@@ -82,7 +92,9 @@ def test_local_spec_needs_no_download_and_no_gpu():
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_every_spec_is_submittable(path):
     submission = build_submission(str(path), "20250131", None, False, 0.0, {})
-    assert submission.submission_id == f"{build_job(read_job_file(str(path))).name}-20250131"
+    kind, options = read_job_spec(str(path))
+    assert submission.submission_id == f"{build_job(options, kind).name}-20250131"
+    assert submission.entrypoint.startswith(f"python -m pipeline.cli {kind} --config 'data:")
 
 
 def test_cron_line_submits_the_pets_spec_nightly_without_overlap():

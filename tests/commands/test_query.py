@@ -22,7 +22,7 @@ from pipeline.config import QueryError, StorageConfig
 from pipeline.data.labels import run_sql
 from pipeline.data.output import Output
 from pipeline.data.rows import error_table, scored_table
-from pipeline.method.engine import BatchScores
+from pipeline.method.engine import BatchScores, ImageStates
 from pipeline.storage import write_json
 from tests.support import s3_client, upload
 
@@ -45,10 +45,13 @@ def fake_scores(batch: int, seed: int) -> BatchScores:
     corner = torch.rand(STEPS + 1, batch, CROPS, 2, generator=gen) * 50
     boxes = torch.cat([corner, corner + 20], dim=-1)
     weights = torch.softmax(torch.randn(STEPS + 1, batch, CROPS, generator=gen), dim=-1)
-    return BatchScores(clip=0.25 + 0.05 * torch.randn(batch, classes, generator=gen),
-                       cupl=0.25 + 0.05 * torch.randn(batch, classes, generator=gen),
-                       wca=steps[0], steps=steps, lgca=lgca, boxes=boxes, weights=weights,
-                       expanded=torch.randint(0, CROPS, (STEPS, batch, EXPAND), generator=gen))
+    clip = 0.25 + 0.05 * torch.randn(batch, classes, generator=gen)
+    cupl = 0.25 + 0.05 * torch.randn(batch, classes, generator=gen)
+    expanded = torch.randint(0, CROPS, (STEPS, batch, EXPAND), generator=gen)
+    grown = torch.stack([boxes[t + 1].gather(1, expanded[t][..., None].expand(-1, -1, 4)) for t in range(STEPS)])
+    states = ImageStates(full=torch.randn(batch, 8, generator=gen), pooled=torch.randn(STEPS + 1, batch, 8, generator=gen),
+                         grown=grown, boxes=boxes, weights=weights, expanded=expanded)
+    return BatchScores(clip=clip, cupl=cupl, wca=steps[0], steps=steps, lgca=lgca, states=states)
 
 
 def ok_rows(run_id: str, start: int, count: int, seed: int) -> pa.Table:
@@ -157,6 +160,21 @@ def test_query_parquet_round_trips_rows(output, tmp_path):
     assert got == sorted(({"id": r["id"], "error": r["error"], "run_id": r["run_id"]} for r in table
                           if r["status"] == "error"), key=lambda r: r["id"])
     assert len(got) == 3
+
+
+def test_the_labels_view_leaves_the_states_out_and_older_files_read_them_as_null(output, capsys):
+    kept = scored_table(["/photos/kept.jpg"], ["/photos/kept.jpg"], [640], [480], fake_scores(1, seed=4), NAMES,
+                        "lgca", 3, RUN_B, "float16")
+    pq.write_table(kept, output / "data" / f"{RUN_B}_w3_0-0.parquet")
+    older = output / "data" / f"{RUN_A}_w1_0-0.parquet"  # a file of an earlier version: no state columns
+    pq.write_table(pq.read_table(older).drop_columns(["state_full", "state_steps"]), older)
+    assert cli("query", str(output), "SELECT * FROM labels LIMIT 1", "--format", "json") == 0
+    columns = set(json.loads(capsys.readouterr().out))
+    assert "label" in columns and "steps" in columns and not columns & {"state_full", "state_steps"}
+    sql = ("SELECT count(*) AS n, count(state_full) AS kept, max(octet_length(state_steps)) AS steps_bytes "
+           "FROM labels_with_states")
+    assert cli("query", str(output), sql, "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out) == {"n": 19, "kept": 1, "steps_bytes": (STEPS + 1) * 8 * 2}
 
 
 def test_query_table_prints_values(output, capsys):
@@ -270,7 +288,8 @@ def test_summary_skips_own_method_and_handles_missing_columns(tmp_path):
     root = tmp_path / "wca"
     (root / "data").mkdir(parents=True)
     scores = fake_scores(4, seed=9)
-    wca_only = BatchScores(clip=scores.clip, cupl=scores.cupl, wca=scores.wca)
+    wca_only = BatchScores(clip=scores.clip, cupl=scores.cupl, wca=scores.wca,
+                           states=ImageStates(full=scores.states.full, pooled=scores.states.pooled[:1]))
     pq.write_table(scored_table(list("abcd"), list("abcd"), [1] * 4, [1] * 4, wca_only, NAMES, "wca", 1, "r"),
                    root / "data" / "r_x_0.parquet")
     write_json(Output(str(root)).manifest, {"scoring": {"method": "wca"}}, StorageConfig())

@@ -188,6 +188,20 @@ def test_credentials_travel_only_with_forward_credentials_which_says_where_they_
         submit.build_submission(str(spec), "1", None, False, 0.0, SUBMITTING_SHELL, forward_credentials=True)
 
 
+def test_a_relabel_spec_runs_lgca_relabel_with_its_kind(tmp_path):
+    spec = write_spec(tmp_path / "relabel.yaml", kind="relabel", name="pets-b", source="s3://b/labels",
+                      output="s3://b/labels-b", classes="dog,cat", method="wca", address="ray://elsewhere:10001")
+    job = submit.build_submission(str(spec), "20250131", None, False, 0.0, {})
+    argv = shlex.split(job.entrypoint)
+    assert job.submission_id == "pets-b-20250131"
+    assert argv[:5] == ["python", "-m", "pipeline.cli", "relabel", "--config"]
+    assert yaml.safe_load(base64.b64decode(argv[5].split(",", 1)[1])) == {
+        "kind": "relabel", "name": "pets-b", "source": "s3://b/labels", "output": "s3://b/labels-b",
+        "classes": "dog,cat", "method": "wca"}
+    relabel = build_job(read_job_file(argv[5], "relabel"), "relabel")
+    assert (relabel.source, relabel.scoring.method, relabel.text.classes) == ("s3://b/labels", "wca", "dog,cat")
+
+
 def test_no_working_dir_and_no_aws_forwarding(tmp_path, tiny_checkpoint):
     spec = tiny_spec(tmp_path, tiny_checkpoint, "pets", tmp_path / "img", tmp_path / "out")
     job = submit.build_submission(str(spec), "w05", None, False, 1.0, {"AWS_REGION": "eu-west-1"})

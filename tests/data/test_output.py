@@ -13,9 +13,10 @@ import torch
 
 import pipeline.data.output as sink
 from pipeline.config import ConfigError, OutputError, StorageConfig
-from pipeline.data.output import IdSet, Output, id_digests, shard_key
-from pipeline.data.rows import SCHEMA, error_table, scored_table
-from pipeline.method.engine import BatchScores
+from pipeline.data.output import IdSet, Output, id_digests, make_manifest, shard_key
+from pipeline.data.rows import SCHEMA, error_table, parquet_options, scored_table
+from pipeline.data.states import decode_column
+from pipeline.method.engine import BatchScores, ImageStates
 
 NAMES = ["cat", "dog", "owl"]
 LOCAL = StorageConfig()
@@ -28,10 +29,13 @@ def batch_scores() -> BatchScores:
     boxes = torch.zeros(2, 2, 3, 4, dtype=torch.float64)
     boxes[1, 0, 2] = torch.tensor([1.0, 2.0, 11.0, 12.0], dtype=torch.float64)
     boxes[1, 1, 0] = torch.tensor([0.0, 0.0, 5.0, 5.0], dtype=torch.float64)
+    expanded = torch.tensor([[[2], [0]]])
+    grown = boxes[1].gather(1, expanded[0][..., None].expand(-1, -1, 4))[None]
+    states = ImageStates(full=torch.eye(2, 4), pooled=torch.rand(2, 2, 4), grown=grown, boxes=boxes,
+                         weights=torch.full((2, 2, 3), 1 / 3), expanded=expanded)
     return BatchScores(clip=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
                        cupl=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
-                       wca=steps[0], steps=steps, lgca=steps.mean(0), boxes=boxes,
-                       weights=torch.full((2, 2, 3), 1 / 3), expanded=torch.tensor([[[2], [0]]]))
+                       wca=steps[0], steps=steps, lgca=steps.mean(0), states=states)
 
 
 def test_scored_rows_hold_the_labels_scores_and_steps():
@@ -54,6 +58,30 @@ def test_scored_rows_hold_the_labels_scores_and_steps():
     assert first[1]["expanded_boxes"] == [[1.0, 2.0, 11.0, 12.0]]
     assert rows[1]["steps"][1]["expanded_boxes"] == [[0.0, 0.0, 5.0, 5.0]]
     assert rows[1]["status"] == "ok" and rows[1]["error"] is None and rows[1]["run_id"] == "run-1"
+    assert rows[0]["state_full"] is None and rows[0]["state_steps"] is None  # no state dtype: none kept
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_scored_rows_keep_the_image_states_in_the_state_dtype(dtype):
+    scores = batch_scores()
+    table = scored_table(["a", "b"], ["u/a", "u/b"], [640, 10], [480, 10], scores, NAMES, "lgca", 2, "r", dtype)
+    full = decode_column(table.column("state_full"), 4, dtype)
+    steps = decode_column(table.column("state_steps"), 8, dtype)
+    assert full.rows.tolist() == steps.rows.tolist() == [0, 1]
+    np.testing.assert_array_equal(full.values, scores.states.full.numpy().astype(dtype))
+    stored = scores.states.pooled.permute(1, 0, 2).reshape(2, 8).numpy().astype(dtype)  # p_0 then p_1
+    np.testing.assert_array_equal(steps.values, stored)
+    assert len(table.column("state_full")[0].as_py()) == 4 * np.dtype(dtype).itemsize
+
+
+def test_state_columns_are_written_plain_and_uncompressed(tmp_path):
+    table = scored_table(["a", "b"], ["u/a", "u/b"], [1, 1], [1, 1], batch_scores(), NAMES, "lgca", 2, "r", "float16")
+    pq.write_table(table, tmp_path / "f.parquet", **parquet_options())
+    group = pq.ParquetFile(tmp_path / "f.parquet").metadata.row_group(0)
+    codecs = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
+    assert len(codecs) == 20 and codecs["steps.list.element.expanded_boxes.list.element.list.element"] == "SNAPPY"
+    assert {codecs["state_full"], codecs["state_steps"]} == {"UNCOMPRESSED"}
+    assert {codec for path, codec in codecs.items() if not path.startswith("state_")} == {"SNAPPY"}
 
 
 def test_lgca_label_is_the_argmax_of_the_step_mean():
@@ -143,19 +171,54 @@ def test_done_ids_lookup_across_digest_chunks(monkeypatch):
     assert done.contains([]).tolist() == []
 
 
+SCORING = {"method": "lgca", "crops": 60, "alpha": 0.5, "beta": 0.9, "lambda_v": 54.6, "lambda_t": 7.39,
+           "steps": 3, "expand_top": 6, "expand_ratio": 1.25, "aggregation": "mean", "top_k": 5, "seed": 0}
+DIGESTS = {"classes": "c1", "descriptions": "d1", "templates": "t1"}
+STATES = {"dtype": "float16", "dim": 512, "steps": 4}
+
+
+def manifest(states=STATES, **scoring):
+    return make_manifest("ViT-B-32", "openai", {**SCORING, **scoring}, DIGESTS, states)
+
+
+def test_the_manifest_has_an_image_side_a_text_side_and_the_states():
+    m = manifest()
+    assert m["image"] == {"model": "ViT-B-32", "pretrained": "openai", "crops": 60, "alpha": 0.5, "beta": 0.9,
+                          "lambda_v": 54.6, "steps": 3, "expand_top": 6, "expand_ratio": 1.25, "seed": 0}
+    assert m["text"] == {"method": "lgca", "lambda_t": 7.39, "aggregation": "mean", "top_k": 5, **DIGESTS}
+    assert m["states"] == STATES and "source" not in m
+
+
 def test_manifest_refuses_other_settings_unless_overwrite(tmp_path):
     layout = Output(str(tmp_path))
-    layout.check_manifest({"model": "a", "scoring": {"crops": 60}}, overwrite=False)
-    layout.start({"model": "a", "scoring": {"crops": 60}}, overwrite=False)
+    layout.check_manifest(manifest(), overwrite=False)
+    layout.start(manifest(), overwrite=False)
     write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
-    layout.check_manifest({"model": "a", "scoring": {"crops": 60}}, overwrite=False)  # same: fine
-    with pytest.raises(ConfigError, match=r"other settings \(scoring.crops: 60 -> 30\)\. .*--overwrite"):
-        layout.check_manifest({"model": "a", "scoring": {"crops": 30}}, overwrite=False)
-    layout.check_manifest({"model": "a", "scoring": {"crops": 30}}, overwrite=True)
+    layout.check_manifest(manifest(), overwrite=False)  # same: fine
+    with pytest.raises(ConfigError, match=r"image.crops: 60 -> 30; text.top_k: 5 -> 3\).*--overwrite"):
+        layout.check_manifest(manifest(crops=30, top_k=3), overwrite=False)
+    with pytest.raises(ConfigError, match=r"states.dtype: float16 -> \(none\)"):
+        layout.check_manifest(manifest(states=None), overwrite=False)
+    layout.check_manifest(manifest(crops=30), overwrite=True)
     assert (tmp_path / "data" / "r_a_000000-0.parquet").exists()  # checking removes nothing
-    layout.start({"model": "a", "scoring": {"crops": 30}}, overwrite=True)
+    layout.start(manifest(crops=30), overwrite=True)
     assert not (tmp_path / "data").exists()
-    assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["scoring"] == {"crops": 30}
+    assert json.loads((tmp_path / "_lgca" / "manifest.json").read_text())["image"]["crops"] == 30
+
+
+def test_a_manifest_of_the_earlier_flat_form_is_compared_in_the_new_form(tmp_path):
+    layout = Output(str(tmp_path))
+    old = {"model": "ViT-B-32", "pretrained": "openai", "scoring": SCORING, "text": DIGESTS}
+    (tmp_path / "_lgca").mkdir()
+    (tmp_path / "_lgca" / "manifest.json").write_text(json.dumps(old))
+    write_rows(tmp_path, "r_a_000000-0.parquet", ["x"])
+    layout.check_manifest(manifest(), overwrite=False)  # same settings; its rows just have no states
+    layout.check_manifest(manifest(states=None), overwrite=False)
+    with pytest.raises(ConfigError, match=r"image.seed: 0 -> 1\)"):
+        layout.check_manifest(manifest(seed=1), overwrite=False)
+    with pytest.raises(ConfigError, match=r"text.classes: 'c1' -> 'c2'\)"):
+        layout.check_manifest(make_manifest("ViT-B-32", "openai", SCORING, {**DIGESTS, "classes": "c2"}, STATES),
+                              overwrite=False)
 
 
 def test_a_settings_mismatch_names_each_setting_that_differs_and_nothing_else():
@@ -163,10 +226,10 @@ def test_a_settings_mismatch_names_each_setting_that_differs_and_nothing_else():
               "scoring": {"crops": 60, "steps": 3, "seed": 0, "aggregation": "mean"}}
     after = {"model": "ViT-B-32", "pretrained": "none", "text": {"classes": "a2", "templates": "t1"},
              "scoring": {"crops": 8, "steps": 3, "seed": 0, "top_k": 5}}
-    assert sink.settings_diff(before, after) == [
-        "pretrained: openai -> none", "scoring.aggregation: mean -> (none)", "scoring.crops: 60 -> 8",
-        "scoring.top_k: (none) -> 5", "text.classes: changed"]
-    assert sink.settings_diff(before, before) == []
+    assert sink.manifest_changes(before, after) == [  # the earlier flat form, read into its two sides
+        "image.crops: 60 -> 8", "image.pretrained: openai -> none", "text.aggregation: mean -> (none)",
+        "text.classes: changed", "text.top_k: (none) -> 5"]
+    assert sink.manifest_changes(before, before) == []
 
 
 def test_an_output_that_is_a_file_is_refused(tmp_path):

@@ -1,6 +1,7 @@
 """End to end on a real local Ray cluster: labels, error rows, incremental runs, refusals."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import replace
@@ -18,7 +19,7 @@ from pipeline.config import (ConfigError, InputConfig, LabelJob, ModelConfig, Ou
 from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.data.output import Output
 from pipeline.data.rows import SCHEMA
-from pipeline.distributed.job import run_label_job
+from pipeline.distributed.job import fingerprint, run_label_job
 from pipeline.method.engine import Engine, ImageInput
 from pipeline.model.classes import load_class_set
 from pipeline.model.loading import load_model
@@ -113,7 +114,7 @@ def engine_scores(job: LabelJob, payloads: dict[str, bytes]) -> dict[str, tuple[
         decoded = decode_image(payload, limits)
         scores = engine.score([ImageInput(image_id, decoded.pixels, decoded.height, decoded.width)])
         top = scores.lgca[0].topk(job.scoring.top_k)
-        out[image_id] = (classes.names[int(top.indices[0])], top.values.numpy())
+        out[image_id] = (classes.names[int(top.indices[0])], top.values.numpy(), scores.states)
     return out
 
 
@@ -137,11 +138,17 @@ def test_labels_scores_and_error_rows(ray_cluster, folder, tmp_path, tiny_checkp
     assert summary.error_reasons == {"empty file": 1, "decode": 3, "too large": 1}
     # the pipeline's labels and scores equal the engine's on the same images and seed
     good = {p: open(p, "rb").read() for p in files if p.rsplit("/", 1)[-1] not in bad}
-    for image_id, (label, top_scores) in engine_scores(job, good).items():
+    for image_id, (label, top_scores, states) in engine_scores(job, good).items():
         row = rows[image_id]
         assert row["label"] == label
         np.testing.assert_allclose(row["topk_scores"], top_scores, atol=1e-5)
         assert row["score"] == pytest.approx(float(top_scores[0]), abs=1e-5)
+        # and the rows keep the engine's image states, k_0 and p_0..p_T, in float16
+        np.testing.assert_allclose(np.frombuffer(row["state_full"], "<f2"), states.full[0].numpy(), atol=1e-3)
+        np.testing.assert_allclose(np.frombuffer(row["state_steps"], "<f2").reshape(3, -1),
+                                   states.pooled[:, 0].numpy(), atol=1e-3)
+    assert all(row["state_full"] is None and row["state_steps"] is None
+               for row in rows.values() if row["status"] == "error")
     rotated = rows[str(folder / "nested" / "rotated.jpg")]
     assert (rotated["width"], rotated["height"]) == (427, 640)  # rocket is 640x427, turned
     steps = rotated["steps"]
@@ -166,7 +173,9 @@ def test_run_metadata_records_the_run(ray_cluster, folder, tmp_path, tiny_checkp
     assert meta["versions"]["torch"] == torch.__version__.split("+")[0]
     assert meta["started_at"] <= meta["finished_at"]
     manifest = json.loads((tmp_path / "out" / "_lgca" / "manifest.json").read_text())
-    assert manifest["model"] == "lgca-tiny" and manifest["scoring"]["steps"] == 2
+    assert manifest["image"]["model"] == "lgca-tiny" and manifest["image"]["steps"] == 2
+    assert manifest["text"]["method"] == "lgca" and manifest["states"] == {"dtype": "float16", "dim": 64, "steps": 3}
+    assert meta["states"] == {"keep": "keep", "dtype": "float16"}
 
 
 def test_rows_per_file_merges_actor_calls_into_larger_files(ray_cluster, tmp_path, tiny_checkpoint):
@@ -493,3 +502,22 @@ def test_a_store_error_while_recording_shards_is_logged_not_raised(tmp_path, tin
     record_whole_shards(output, "r1", [("s3://in/a.tar", "10:etag")], Unlistable(output.reading("r1"), job.storage))
     assert "could not record the shards read whole" in caplog.text  # the run's rows are written: it goes on
     assert not (tmp_path / "out" / "_lgca" / "shards").exists()
+
+
+def test_an_output_of_the_previous_version_is_continued_with_the_same_settings(tmp_path, tiny_checkpoint):
+    """The previous version wrote a flat manifest (model, pretrained, scoring, text digests)."""
+    job = make_job([tmp_path], tmp_path / "out", tiny_checkpoint)
+    classes = load_class_set(job.text)
+    scoring = dataclasses.asdict(job.scoring)
+    scoring.pop("encode_batch_size")
+    flat = {"model": job.model.name, "pretrained": job.model.pretrained, "scoring": scoring, "text": classes.digests()}
+    output = Output(job.output)
+    (tmp_path / "out" / "_lgca").mkdir(parents=True)
+    (tmp_path / "out" / "_lgca" / "manifest.json").write_text(json.dumps(flat))
+    (tmp_path / "out" / "data").mkdir()
+    pq.write_table(SCHEMA.empty_table().drop_columns(["state_full", "state_steps"]),
+                   tmp_path / "out" / "data" / "20250101T000000Z-aaaaaa_w_000000-0.parquet")
+    output.check_manifest(fingerprint(job, classes, 64), overwrite=False)  # accepted: the same settings
+    changed = replace(job, scoring=replace(job.scoring, seed=6))
+    with pytest.raises(ConfigError, match=r"image.seed: 5 -> 6\)"):
+        output.check_manifest(fingerprint(changed, classes, 64), overwrite=False)

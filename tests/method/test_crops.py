@@ -137,3 +137,22 @@ def test_clip_scores_equal_open_clips_zero_shot_classifier(tiny):
 def test_preprocess_rejects_models_it_cannot_reproduce():
     with pytest.raises(ValueError, match="longest"):
         Preprocess(image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="longest")
+
+
+def test_crops_split_over_threads_are_the_crops_of_one_thread(tiny):
+    pixels = [data.astronaut(), data.coffee()]
+    batch = pad_batch(pixels, [p.shape[:2] for p in pixels], CPU)
+    rng = np.random.default_rng(5)
+    sides = rng.uniform(150, 400, size=23)
+    boxes = torch.tensor(np.stack([rng.uniform(0, 100, 23), rng.uniform(0, 100, 23)], 1).repeat(2, 1)
+                         + np.stack([np.zeros(23), np.zeros(23), sides, sides], 1))
+    index = torch.tensor(rng.integers(0, 2, 23))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = cut_crops(batch, index, boxes, tiny.preprocess, torch.float32)
+        torch.set_num_threads(3)  # 23 crops in parts of 8, 8 and 7, each on its own thread
+        split = cut_crops(batch, index, boxes, tiny.preprocess, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, split)

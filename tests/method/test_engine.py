@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ScoringParams
-from pipeline.method.engine import Engine, ImageInput, encode_chunk
+from pipeline.method.engine import Engine, ImageInput, ImageStates, Scorer, encode_chunk, score_apart
 from tests.fakes import RAW, BoxEncoder, TextTable, ramp_image
 
 NAMES = ["heron", "kite", "owl", "wren"]
@@ -285,3 +285,110 @@ def test_the_engine_imports_neither_ray_nor_open_clip():
             "print(sorted(m for m in ('ray', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- the two stages: encode (no classes) and score (states + text bank) -----------------
+
+OTHER_NAMES = ["wren", "stork", "heron", "gull", "finch"]
+
+
+def make_scorer(params: ScoringParams, names=NAMES, prompts=PROMPTS, descriptions=DESCRIPTIONS):
+    """A scorer from a text-only model: an object with encode_text and no encode_image."""
+    text = TextTable([t for p in prompts for t in p] + [t for d in descriptions for t in d], DIM)
+
+    class TextOnly:
+        encode_text = staticmethod(lambda tokens: text.table[tokens[:, 0]].float())
+
+    return Scorer.build(TextOnly(), text.tokenize, names, prompts, descriptions, params, torch.device("cpu"))
+
+
+def read_back(states: ImageStates) -> ImageStates:
+    """What an output keeps of states: k_0, p_0..p_T and the expanded boxes (float32 bytes)."""
+    def again(t):
+        return None if t is None else torch.from_numpy(np.frombuffer(bytearray(t.numpy().tobytes()), "<f4").reshape(t.shape))
+    return ImageStates(full=again(states.full), pooled=again(states.pooled), grown=again(states.grown.float()))
+
+
+def assert_same_scores(a, b, methods=("clip", "cupl", "wca", "lgca")):
+    for method in methods:
+        torch.testing.assert_close(a.method(method), b.method(method), rtol=0, atol=0, msg=method)
+
+
+def test_scoring_images_is_scoring_their_states_exactly():
+    engine, _, _ = make_engine(ScoringParams(crops=16, steps=3, expand_top=4))
+    images = ramp_inputs()
+    direct = engine.score(images)
+    states = engine.encode(images)
+    assert states.full.shape == (3, DIM) and states.pooled.shape == (4, 3, DIM) and states.grown.shape == (3, 3, 4, 4)
+    composed = engine.score_states(states)
+    assert_same_scores(direct, composed)
+    torch.testing.assert_close(direct.steps, composed.steps, rtol=0, atol=0)
+    again = engine.score_states(read_back(states))  # as relabel reads them: no boxes, no weights
+    assert_same_scores(direct, again)
+    for t in (1, 2, 3):
+        torch.testing.assert_close(again.expanded_boxes(t), direct.expanded_boxes(t).float(), rtol=0, atol=0)
+
+
+def test_states_do_not_depend_on_the_classes_and_other_classes_score_them_exactly():
+    params = ScoringParams(crops=12, steps=2, expand_top=3, seed=4)
+    engine_a, _, _ = make_engine(params)
+    names = OTHER_NAMES
+    prompts = [[f"a photo of a {n}."] for n in names]
+    descriptions = [["long neck", "white"], [], ["grey"], ["yellow beak", "small"], ["tiny"]]
+    texts = [t for p in prompts for t in p] + [t for d in descriptions for t in d]
+    text_b = TextTable(texts, DIM, seed=9)
+    engine_b = Engine(BoxEncoder(text_b, DIM), text_b.tokenize, names, prompts, descriptions, params, RAW,
+                      torch.device("cpu"))
+    images = ramp_inputs()
+    states_a, states_b = engine_a.encode(images), engine_b.encode(images)
+    for field in ("full", "pooled", "grown", "boxes", "weights", "expanded"):
+        torch.testing.assert_close(getattr(states_a, field), getattr(states_b, field), rtol=0, atol=0)
+    scorer_b = Scorer(engine_b.bank, params)
+    assert_same_scores(scorer_b.score(states_a), engine_b.score(images))
+
+
+def test_fewer_steps_and_simpler_methods_use_a_prefix_of_the_states():
+    base = dict(crops=14, expand_top=3, seed=2)
+    states = make_engine(ScoringParams(steps=3, **base))[0].encode(ramp_inputs())
+    fewer_engine = make_engine(ScoringParams(steps=1, aggregation="last", **base))[0]
+    fewer = fewer_engine.scorer.score(states)  # T = 1 on states of T = 3: p_0, p_1 are a prefix
+    assert_same_scores(fewer, fewer_engine.score(ramp_inputs()))
+    assert fewer.steps.shape[0] == 2 and fewer.states.grown.shape[0] == 1
+    wca_engine = make_engine(ScoringParams(method="wca", **base))[0]
+    assert_same_scores(wca_engine.scorer.score(states), wca_engine.score(ramp_inputs()), ("clip", "cupl", "wca"))
+    clip_engine = make_engine(ScoringParams(method="clip", **base))[0]
+    clip_states = clip_engine.encode(ramp_inputs())
+    assert clip_states.pooled is None and clip_states.steps == 0
+    assert_same_scores(clip_engine.scorer.score(states), clip_engine.score(ramp_inputs()), ("clip", "cupl"))
+
+
+def test_a_scorer_needs_no_image_tower_and_refuses_states_that_cannot_give_its_method():
+    params = ScoringParams(crops=10, steps=2, expand_top=2)
+    engine, _, _ = make_engine(params)
+    states = engine.encode(ramp_inputs())
+    scorer = make_scorer(params)
+    torch.testing.assert_close(scorer.bank.vectors, engine.bank.vectors, rtol=0, atol=0)
+    assert_same_scores(scorer.score(states), engine.score(ramp_inputs()))
+    wca_states = make_engine(ScoringParams(method="wca", crops=10))[0].encode(ramp_inputs())
+    with pytest.raises(ValueError, match="needs 3 pooled vectors per image; these states hold 1"):
+        scorer.score(wca_states)
+    with pytest.raises(ValueError, match="needs 1 pooled"):
+        make_scorer(ScoringParams(method="wca")).score(ImageStates(full=states.full))
+
+
+def test_score_apart_isolates_the_image_that_fails_alone():
+    calls = []
+
+    def score(images):
+        calls.append([image.image_id for image in images])
+        if any(image.image_id == "img/b.png" for image in images):
+            raise RuntimeError("out of memory (simulated)")
+        return len(images)
+
+    images = ramp_inputs()
+    assert score_apart(score, images[:1]) == [([0], 1, None)]
+    groups = score_apart(score, images)
+    assert groups == [([0], 1, None), ([1], None, "score: RuntimeError: out of memory (simulated)"),
+                      ([2], 1, None)]
+    assert calls[1:] == [["img/a.png", "img/b.png", "img/c.png"], ["img/a.png"], ["img/b.png"], ["img/c.png"]]
+    assert score_apart(score, []) == []
