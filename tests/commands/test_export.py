@@ -19,7 +19,7 @@ from pipeline.config import QueryError, StorageConfig
 from pipeline.data.output import Output
 from pipeline.data.review import Band
 from pipeline.data.rows import scored_table
-from pipeline.method.engine import BatchScores
+from pipeline.method.engine import BatchScores, ImageStates
 from pipeline.storage import write_json
 from tests.commands.conftest import CLASSES
 from tests.support import encode, upload
@@ -129,7 +129,7 @@ def test_presigned_urls_for_s3_images(tmp_path, moto_endpoint, bucket):
     scores = torch.tensor([[0.31, 0.25]])
     root = tmp_path / "out"
     (root / "data").mkdir(parents=True)
-    pq.write_table(scored_table([uri], [uri], [600], [400], BatchScores(clip=scores, cupl=scores), ["coffee", "tea"],
+    pq.write_table(scored_table([uri], [uri], [600], [400], BatchScores(clip=scores, cupl=scores, states=ImageStates(full=torch.ones(len(scores), 4) / 2)), ["coffee", "tea"],
                                 "clip", 2, "run"), root / "data" / "run_a_0.parquet")
     write_json(Output(str(root)).manifest, {"model": "ViT-B-32", "pretrained": "openai",
                                             "scoring": {"method": "clip"}}, StorageConfig())

@@ -8,7 +8,7 @@ import torch
 from pipeline.config import StorageConfig
 from pipeline.data.labels import connect
 from pipeline.data.rows import error_table, scored_table
-from pipeline.method.engine import BatchScores
+from pipeline.method.engine import BatchScores, ImageStates
 
 NAMES = ["cat", "dog", "fox"]
 VALUES = [[0.30, 0.52, 0.21], [0.40, 0.10, 0.39]]
@@ -17,7 +17,7 @@ VALUES = [[0.30, 0.52, 0.21], [0.40, 0.10, 0.39]]
 def rows(prefix: str, top_k: int):
     scores = torch.tensor(VALUES, dtype=torch.float32)
     ids = [f"{prefix}{i}" for i in range(len(VALUES))]
-    return scored_table(ids, ids, [1] * 2, [1] * 2, BatchScores(clip=scores, cupl=scores), NAMES, "clip", top_k,
+    return scored_table(ids, ids, [1] * 2, [1] * 2, BatchScores(clip=scores, cupl=scores, states=ImageStates(full=torch.ones(len(scores), 4) / 2)), NAMES, "clip", top_k,
                         "run")
 
 

@@ -6,14 +6,15 @@ import pyarrow as pa
 import torch
 
 from pipeline.data.rows import SCHEMA, error_table, scored_table
-from pipeline.method.engine import BatchScores
+from pipeline.method.engine import BatchScores, ImageStates
 
 NAMES = ["cat", "dog", "fox"]
 
 
 def clip_scores(values: list[list[float]]) -> BatchScores:
     scores = torch.tensor(values, dtype=torch.float32)
-    return BatchScores(clip=scores, cupl=scores * torch.tensor([1.0, 0.5, 1.0]))  # cupl: dog halved
+    return BatchScores(clip=scores, cupl=scores * torch.tensor([1.0, 0.5, 1.0]),
+                       states=ImageStates(full=torch.ones(len(scores), 4) / 2))  # cupl: dog halved
 
 
 def test_margin_is_top1_minus_top2_of_the_method_in_float32():

@@ -108,8 +108,8 @@ def test_ids_already_relabelled_are_left_out(tmp_path):
 def test_a_row_group_whose_states_cannot_be_read_gives_error_rows_for_its_ids_only(tmp_path):
     path = tmp_path / "f.parquet"
     write(path, source_rows(["a", "b"]), source_rows(["c"], seed=1))
-    chunk = pq.read_metadata(path).row_group(0).column(18)
-    assert chunk.path_in_schema == "state_full"
+    group = pq.read_metadata(path).row_group(0)
+    (chunk,) = [group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == "state_full"]
     raw = bytearray(path.read_bytes())
     raw[chunk.data_page_offset:chunk.data_page_offset + 24] = b"\xff" * 24
     path.write_bytes(bytes(raw))
