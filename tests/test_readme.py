@@ -193,3 +193,17 @@ def test_a_checkpoint_file_and_the_job_file(quick_start):
     job_file = quick_start.result("lgca label --config jobs/example-local.yaml")
     assert "0 ok, 0 error rows, 4 already labelled" in job_file.stdout  # the README says so
     assert "0 ok, 0 error rows, 4 already labelled" in (ROOT / "README.md").read_text()
+
+
+def test_the_review_relabel_and_search_commands(quick_start):
+    work = quick_start.work
+    page = (work / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and quick_start.result("lgca report").stdout.startswith(
+        "report.html: 4 rows (4 ok, 0 error)")
+    assert (work / "review" / "tasks.json").is_file() and (work / "review" / "config.xml").is_file()
+    relabelled = pq.read_table(work / "labels-v2" / "data").to_pylist()
+    assert sorted(Path(r["id"]).name for r in relabelled) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    assert all(r["status"] == "ok" and r["label"] in ("cat", "dog", "astronaut", "coffee cup", "rocket")
+               for r in relabelled)
+    ranked = quick_start.result("lgca search").stdout.splitlines()
+    assert ranked[0].split()[:2] == ["rank", "score"] and [line.split()[0] for line in ranked[1:]] == ["1", "2"]
