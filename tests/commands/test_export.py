@@ -74,7 +74,7 @@ def test_labelstudio_tasks_and_config(labelled, tmp_path, capsys):
     assert not interface.validate_prediction(wrong)  # the SDK's check does look at the choices
 
 
-def test_fiftyone_dataset_with_confidences(labelled, tmp_path, monkeypatch):
+def test_fiftyone_dataset_with_confidences(labelled, tmp_path):
     target = tmp_path / "fo"
     count, inside = export(str(labelled.root), "fiftyone", str(target), StorageConfig())
     rows = ok_rows(labelled)
@@ -87,8 +87,16 @@ def test_fiftyone_dataset_with_confidences(labelled, tmp_path, monkeypatch):
     for row in rows:
         assert labels["labels"][sample_key(row["id"])] == {"label": row["label"], "confidence": pytest.approx(row["score"])}
 
+
+def test_fiftyone_reads_the_export_with_its_own_importer(labelled, tmp_path, monkeypatch):
+    """Where fiftyone is installed (not in the test extra: it brings its own MongoDB, and with s3fs's
+    botocore pin it sends pip backtracking for over ten minutes; `pip install fiftyone` to run this)."""
+    importers = pytest.importorskip("fiftyone.utils.data.importers", reason="fiftyone is not installed")
+    target = tmp_path / "fo"
+    export(str(labelled.root), "fiftyone", str(target), StorageConfig())
+    rows = ok_rows(labelled)
     monkeypatch.setenv("FIFTYONE_DO_NOT_TRACK", "true")
-    from fiftyone.utils.data.importers import FiftyOneImageClassificationDatasetImporter
+    FiftyOneImageClassificationDatasetImporter = importers.FiftyOneImageClassificationDatasetImporter
 
     importer = FiftyOneImageClassificationDatasetImporter(str(target), data_path="data.json")
     with importer:
