@@ -46,7 +46,8 @@ class Preprocess:
 
 
 PAD_LIMIT = 2.0  # a padded group may hold at most this many times its images' own pixels
-MIN_CROPS_PER_THREAD = 4  # fewer crops per thread are cut on the calling thread alone
+MIN_CROPS_PER_PART = 4  # crops cut per task at least; fewer crops in all are cut on the calling thread
+CROP_PARTS_PER_THREAD = 4
 
 
 @dataclass
@@ -134,7 +135,7 @@ def cut_crops(batch: PixelBatch, image_index: torch.Tensor, boxes: torch.Tensor,
             if len(rows):
                 crops[rows] = _roi_align(pixels, rois[rows], size)
     mean, std = _normaliser(preprocess.mean, preprocess.std, crops.device)
-    return ((crops - mean) / std).to(dtype)
+    return crops.sub_(mean).div_(std).to(dtype)  # in place: the crops are this call's own tensor
 
 
 def _roi_align(pixels: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
@@ -142,14 +143,17 @@ def _roi_align(pixels: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
     ``[M, 5]`` (slot, x1, y1, x2, y2), averaging where a crop is larger than the output.
 
     torchvision's CPU kernel runs on one thread (about 3 ms per 224-px crop, whatever torch's
-    thread count), so on the CPU the crops are split over ``torch.get_num_threads()`` Python
-    threads (the op releases the GIL); each crop is computed alone, so the result is the same
-    bit for bit. A GPU kernel is parallel already.
+    thread count), so on the CPU the crops are cut by ``torch.get_num_threads()`` Python threads
+    (the op releases the GIL), in CROP_PARTS_PER_THREAD parts each, so that a thread that gets
+    the larger crops (4x the samples of a small one) or less of a busy CPU does not hold up the
+    others. Each crop is computed alone, so the result is the same bit for bit. A GPU kernel is
+    parallel already.
     """
-    parts = min(torch.get_num_threads(), len(rois) // MIN_CROPS_PER_THREAD) if pixels.device.type == "cpu" else 1
-    if parts <= 1:
+    threads = torch.get_num_threads() if pixels.device.type == "cpu" else 1
+    parts = min(threads * CROP_PARTS_PER_THREAD, len(rois) // MIN_CROPS_PER_PART)
+    if threads <= 1 or parts <= 1:
         return _roi_align_one(pixels, rois, size)
-    with ThreadPoolExecutor(parts, thread_name_prefix="lgca-crops") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="lgca-crops") as pool:
         return torch.cat(list(pool.map(functools.partial(_roi_align_one, pixels, size=size), rois.tensor_split(parts))))
 
 

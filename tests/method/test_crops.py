@@ -151,7 +151,7 @@ def test_crops_split_over_threads_are_the_crops_of_one_thread(tiny):
     try:
         torch.set_num_threads(1)
         alone = cut_crops(batch, index, boxes, tiny.preprocess, torch.float32)
-        torch.set_num_threads(3)  # 23 crops in parts of 8, 8 and 7, each on its own thread
+        torch.set_num_threads(3)  # 23 crops in 5 parts over 3 threads
         split = cut_crops(batch, index, boxes, tiny.preprocess, torch.float32)
     finally:
         torch.set_num_threads(threads)
