@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.output import IdSet
 from pipeline.data.states import STATE_COLUMNS, StateSpec, binary_rows, decode_column
-from pipeline.storage import read_ahead
+from pipeline.storage import parquet_file, read_ahead
 
 ROW_COLUMNS = ("id", "uri", "status", "error", "width", "height")
 BOXES_PATH = "steps.list.element.expanded_boxes"
@@ -50,8 +50,7 @@ def read_source_file(fs: Any, path: str, read: SourceRead, done: IdSet | None = 
     """The rows of one source data file (SOURCE_SCHEMA), a row group at a time, without the ids in
     ``done``. A file whose ids cannot be read raises (pyarrow's error or OSError), as does a
     Parquet file without the columns of lgca label's rows."""
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+    with parquet_file(fs, path) as parquet:
         names = set(parquet.schema_arrow.names)
         missing = [name for name in ROW_COLUMNS if name not in names]
         if missing:
@@ -178,8 +177,7 @@ def file_scores(fs: Any, path: str, query: np.ndarray, spec: StateSpec, weights:
     values = spec.dim if weights is None else spec.steps * spec.dim
     q = torch.from_numpy(query)
     rows, scores, skipped, offset = [], [], 0, 0
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+    with parquet_file(fs, path) as parquet:
         for group in range(parquet.num_row_groups):
             column = (parquet.read_row_group(group, columns=[name]).column(0)
                       if name in parquet.schema_arrow.names else pa.nulls(parquet.metadata.row_group(group).num_rows))
@@ -225,8 +223,8 @@ def ranked_rows(fs: Any, paths: Sequence[str], ranked: Ranked, columns: Sequence
     the files that hold them)."""
     parts = []
     for index in np.unique(ranked.files):
-        with fs.open(paths[index], "rb") as handle:
-            table = pq.read_table(handle, columns=list(columns))
+        with parquet_file(fs, paths[index]) as parquet:
+            table = parquet.read(columns=list(columns))
         picked = np.flatnonzero(ranked.files == index)
         parts.append((picked, table.take(pa.array(ranked.rows[picked]))))
     if not parts:

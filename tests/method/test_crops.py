@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from skimage import data
+from torchvision.ops import roi_align
 
 from pipeline.config import ModelConfig, ScoringParams
+from pipeline.method.boxes import sample_boxes
 from pipeline.method.crops import PAD_LIMIT, Preprocess, cut_crops, pad_batch, pad_groups
 from pipeline.method.engine import Engine, ImageInput
 from pipeline.model.loading import load_model
@@ -139,7 +141,50 @@ def test_preprocess_rejects_models_it_cannot_reproduce():
         Preprocess(image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="longest")
 
 
-def test_crops_split_over_threads_are_the_crops_of_one_thread(tiny):
+def roi_align_reference(batch, index: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's own roi_align on the same pixels and boxes (its CPU kernel), in 0..255."""
+    scaled = boxes.float() * batch.scale[index][:, [1, 0, 1, 0]]
+    rois = torch.cat([batch.slot[index, None].float(), scaled], 1)
+    member = batch.group[index]
+    out = torch.zeros(len(rois), 3, size, size)
+    for g, pixels in enumerate(batch.groups):
+        rows = (member == g).nonzero()[:, 0]
+        out[rows] = roi_align(pixels.contiguous(), rois[rows], output_size=(size, size), spatial_scale=1.0,
+                              sampling_ratio=-1, aligned=True)
+    return out
+
+
+def raw_crops(batch, index, boxes, size: int) -> torch.Tensor:
+    """cut_crops' crops before normalisation (mean 0, std 1/255 undoes nothing)."""
+    plain = Preprocess(image_size=size, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    return cut_crops(batch, index, boxes, plain, torch.float32)
+
+
+def test_cpu_crops_are_torchvisions_roi_align_crops():
+    """The separable CPU crops against torchvision's kernel: the engine's random boxes, boxes on
+    every border, crops smaller than the output (upsampled), larger than twice it (3 samples an
+    axis), boxes past the image (roi_align's zeros), fractional corners, and a padded batch."""
+    photos = [data.astronaut()[:, :60], data.coffee(), data.rocket(), data.astronaut()]  # the first: its own group
+    batch = pad_batch(photos, [p.shape[:2] for p in photos], CPU)
+    assert len(batch.groups) == 2
+    boxes, index = [], []
+    for i, photo in enumerate(photos):
+        h, w = photo.shape[:2]
+        sampled = sample_boxes(0, f"photo-{i}", h, w, 30, 0.5, 0.9)
+        side = min(h, w)
+        special = [(0, 0, w, h), (0, 0, side, side), (w - side, h - side, w, h), (10.25, 3.5, 60.75, 40.1),
+                   (w / 3, h / 4, w / 3 + 7, h / 4 + 5), (-20, -30, side / 2, side / 2), (w - 40, h - 30, w + 25, h + 18)]
+        boxes += [*sampled.tolist(), *special]
+        index += [i] * (len(sampled) + len(special))
+    boxes, index = torch.tensor(boxes, dtype=torch.float64), torch.tensor(index)
+    for size in (224, 32):  # 32: crops of over 64 px take 3 or more samples an axis
+        ours = raw_crops(batch, index, boxes, size)
+        theirs = roi_align_reference(batch, index, boxes, size)
+        assert (ours - theirs).abs().max().item() < 1e-3  # grey levels of 0..255
+        assert theirs.std().item() > 30  # real pictures, not zeros
+
+
+def test_cpu_crops_do_not_depend_on_the_thread_count():
     pixels = [data.astronaut(), data.coffee()]
     batch = pad_batch(pixels, [p.shape[:2] for p in pixels], CPU)
     rng = np.random.default_rng(5)
@@ -150,9 +195,9 @@ def test_crops_split_over_threads_are_the_crops_of_one_thread(tiny):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = cut_crops(batch, index, boxes, tiny.preprocess, torch.float32)
-        torch.set_num_threads(3)  # 23 crops in 5 parts over 3 threads
-        split = cut_crops(batch, index, boxes, tiny.preprocess, torch.float32)
+        alone = raw_crops(batch, index, boxes, 224)
+        torch.set_num_threads(3)
+        split = raw_crops(batch, index, boxes, 224)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(alone, split)
