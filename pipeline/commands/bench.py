@@ -36,7 +36,7 @@ from pipeline.data.decode import DecodeLimits, decode_image
 from pipeline.distributed.bench_states import measure_states
 from pipeline.method.boxes import full_view_box
 from pipeline.method.crops import cut_crops, pad_batch
-from pipeline.method.engine import BatchScores, Engine, ImageInput, encode_chunk
+from pipeline.method.engine import BatchScores, Engine, ImageInput, crops_per_pass
 from pipeline.model.classes import load_class_set
 from pipeline.model.loading import LoadedModel, load_model
 from pipeline.options import add_option_arguments, given_options
@@ -158,7 +158,7 @@ def crop_seconds(batch: list[ImageInput], scores: BatchScores, params: ScoringPa
                                   for im in batch]), dtype=torch.float32)[:, None]
     box_sets = [torch.cat([full, scores.boxes[0].float()], 1)] + [scores.expanded_boxes(t) for t in
                                                                   range(1, len(scores.boxes))]
-    seconds, step = 0.0, encode_chunk(params, device)
+    seconds, step = 0.0, crops_per_pass(params, device)
     for boxes in box_sets:
         flat = boxes.reshape(-1, 4).to(device)
         index = torch.arange(len(batch), device=device).repeat_interleave(boxes.shape[1])

@@ -35,7 +35,7 @@ R = TypeVar("R")
 AUTO_ENCODE_BATCH_CPU, AUTO_ENCODE_BATCH_GPU = 32, 256
 
 
-def encode_chunk(params: ScoringParams, device: torch.device) -> int:
+def crops_per_pass(params: ScoringParams, device: torch.device) -> int:
     """Crops per image-encoder pass: ``params.encode_batch_size``, or the device's default if 0."""
     return params.encode_batch_size or (AUTO_ENCODE_BATCH_CPU if device.type == "cpu" else AUTO_ENCODE_BATCH_GPU)
 
@@ -256,7 +256,7 @@ class ImageEncoder:
         count, per_image = boxes.shape[0], boxes.shape[1]
         flat = boxes.reshape(-1, 4)
         index = torch.arange(count, device=flat.device).repeat_interleave(per_image)
-        step = encode_chunk(self.params, self.device)
+        step = crops_per_pass(self.params, self.device)
         out = []
         for start in range(0, flat.shape[0], step):
             inputs = cut_crops(pixels, index[start:start + step], flat[start:start + step],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ScoringParams
-from pipeline.method.engine import Engine, ImageInput, ImageStates, Scorer, encode_chunk, score_apart
+from pipeline.method.engine import Engine, ImageInput, ImageStates, Scorer, crops_per_pass, score_apart
 from tests.fakes import RAW, BoxEncoder, TextTable, ramp_image
 
 NAMES = ["heron", "kite", "owl", "wren"]
@@ -176,8 +176,8 @@ def test_image_encoder_cost_follows_the_parameters():
 @pytest.mark.parametrize("device,chunk", [("cpu", 32), ("cuda", 256), ("mps", 256)])
 def test_encoder_passes_are_sized_for_the_device_by_default(device, chunk):
     params = ScoringParams()
-    assert params.encode_batch_size == 0 and encode_chunk(params, torch.device(device)) == chunk
-    assert encode_chunk(ScoringParams(encode_batch_size=7), torch.device(device)) == 7
+    assert params.encode_batch_size == 0 and crops_per_pass(params, torch.device(device)) == chunk
+    assert crops_per_pass(ScoringParams(encode_batch_size=7), torch.device(device)) == 7
     engine, encoder, _ = make_engine(params)  # on the CPU: full view + 60 crops of each image
     engine.score(ramp_inputs())
     first = (1 + 60) * len(IMAGES)  # then 3 steps of 6 expanded crops per image
