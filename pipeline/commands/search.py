@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -73,10 +74,14 @@ def query_vector(args: argparse.Namespace, source: SearchSource, storage: Storag
     """The normalised ``[D]`` query: the text through the model's text tower, or the image's ``k_0``."""
     from pipeline.method.engine import ImageEncoder, ImageInput
     from pipeline.method.textbank import encode_texts
-    from pipeline.model.loading import load_model
+    from pipeline.model.loading import RandomWeightsWarning, load_model, random_weights_note
 
     device = given_options(args, ("device",))["model"].get("device", "auto")  # where the query is encoded
-    loaded = load_model(ModelConfig(name=source.model, pretrained=source.pretrained, device=device), storage)
+    with warnings.catch_warnings():  # said once below, on stderr (stdout may be CSV or JSON)
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        loaded = load_model(ModelConfig(name=source.model, pretrained=source.pretrained, device=device), storage)
+    if source.pretrained.lower() == "none":
+        print(f"note: {random_weights_note(loaded.name)}", file=sys.stderr)
     if args.image is None:
         return encode_texts(loaded.model, loaded.tokenizer, [args.text], 1, loaded.device)[0].cpu().numpy()
     fs, path = filesystem(args.image, storage)

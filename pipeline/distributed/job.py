@@ -29,7 +29,7 @@ from pipeline.distributed import plan
 from pipeline.distributed.console import Display, configure_ray_output, core_worker_noise_dropped, init_options
 from pipeline.distributed.progress import counter_reporter, start_counter
 from pipeline.model.classes import ClassSet, load_class_set
-from pipeline.model.loading import RANDOM_WEIGHTS_SEED, check_weights, model_embed_dim, model_input_size
+from pipeline.model.loading import check_weights, model_embed_dim, model_input_size, random_weights_note
 from pipeline.storage import redact, remove_folder
 
 log = logging.getLogger(__name__)
@@ -232,9 +232,7 @@ def label_on_ray(run: Run, work: plan.WorkList, done: IdSet, image_size: int, ma
     """Label ``work`` on Ray into the output, showing progress unless ``display`` is quiet."""
     model = run.job.model
     if model.pretrained.lower() == "none":  # said here once, not by every model actor
-        log.warning("pretrained none: %s has random weights (drawn from seed %d, the same in every run), so "
-                    "its labels and scores mean nothing; give a checkpoint file, a URI or a tag for real labels",
-                    model.name, RANDOM_WEIGHTS_SEED)
+        log.warning("%s", random_weights_note(model.name))
     start_ray(run.job, display)
     progress = None if display.quiet else start_counter()
     dataset = plan.build(work, run.job, run.classes, done, run.run_id, image_size, marks, progress)

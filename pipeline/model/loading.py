@@ -376,6 +376,12 @@ def _check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError(f"precision: the device is the CPU; {FP16_ON_CPU}")
 
 
+def random_weights_note(name: str) -> str:
+    """The one line a run's driver logs when ``--pretrained none`` gives ``name`` random weights."""
+    return (f"pretrained none: {name} has random weights (drawn from seed {RANDOM_WEIGHTS_SEED}, the same in "
+            "every run), so its labels and scores mean nothing; give a checkpoint file, a URI or a tag for real labels")
+
+
 def load_model(cfg: ModelConfig, storage: StorageConfig = StorageConfig()) -> LoadedModel:
     """Build the model named by ``cfg``, load its weights and read its preprocessing.
 

@@ -128,3 +128,22 @@ def test_search_reads_states_of_both_dtypes(tmp_path):
     ranked = search_files(LOCAL, [path], query, StateSpec("float32", D, T + 1), None, 1)
     assert ranked_rows(LOCAL, [path], ranked, ["id"]).column("id").to_pylist() == ["y"]
     assert ranked.scores[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_random_weights_are_noted_once_on_stderr_and_the_csv_stays_clean(tmp_path, capsys):
+    import warnings
+
+    from pipeline.model.loading import RandomWeightsWarning
+
+    with pytest.warns(RandomWeightsWarning):  # the source's own label run, with random weights
+        write_source(tmp_path / "labels", "none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["search", str(tmp_path / "labels"), "a cat", "--top", "3", "--format", "csv",
+                     "--device", "cpu"]) == 0
+    assert not [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
+    out, err = capsys.readouterr()
+    assert err.count("has random weights") == 1 and err.startswith("note: pretrained none: lgca-tiny")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 3 and {r["id"] for r in rows} == {"/photos/chelsea.jpg", "/photos/coffee.jpg",
+                                                          "/photos/rocket.jpg"}

@@ -212,3 +212,22 @@ def test_what_the_stored_states_cannot_give_is_refused_before_ray_starts_with_wh
                                                              "source": "s3://b/src"}))
     with pytest.raises(ConfigError, match=r"new is an lgca relabel output.*relabel its source s3://b/src instead"):
         run_relabel_job(relabel_job(new, tmp_path / "other", text_b))
+
+
+def test_random_weights_are_said_once_as_a_log_line_not_a_python_warning(tmp_path, caplog):
+    import warnings
+
+    from pipeline.distributed.relabel import prepare_relabel, text_context
+    from pipeline.model.loading import RandomWeightsWarning
+
+    with pytest.warns(RandomWeightsWarning):  # the source's own label run, with random weights
+        write_source(tmp_path / "source", "none")
+    job = relabel_job(tmp_path / "source", tmp_path / "new", TextConfig(classes=CLASSES_B))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        context = text_context(job, prepare_relabel(job), "20260101T000000Z-bbbbbb")
+    assert not [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
+    notes = [r.getMessage() for r in caplog.records if "has random weights" in r.getMessage()]
+    assert notes == ["pretrained none: lgca-tiny has random weights (drawn from seed 0, the same in every run), so "
+                     "its labels and scores mean nothing; give a checkpoint file, a URI or a tag for real labels"]
+    assert context.names == tuple(CLASSES_B.split(","))
