@@ -47,9 +47,9 @@ def review_rows(con: duckdb.DuckDBPyConnection) -> Iterator[dict[str, Any]]:
     """The selected ok rows as dicts of COLUMNS, lowest margin first, BATCH_ROWS at a time."""
     relation = con.sql(f"SELECT id, uri, label, score, margin, topk_labels[2] AS runner_up, clip_label, cupl_label, "
                        f"wca_label, run_id FROM {SELECTED_VIEW} WHERE status = 'ok' ORDER BY margin NULLS LAST, id")
-    reader = relation.fetch_record_batch(BATCH_ROWS)
-    for batch in reader:
-        yield from batch.to_pylist()
+    with relation.to_arrow_reader(BATCH_ROWS) as reader:
+        for batch in reader:
+            yield from batch.to_pylist()
 
 
 class ImageReference:
