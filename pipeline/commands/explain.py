@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -250,11 +249,10 @@ def save_png(picture: Image.Image, target: str, storage: StorageConfig) -> None:
 def _explain(args: argparse.Namespace) -> int:
     if args.panel_width < 16 or args.columns < 1:
         raise ConfigError("panel-width must be at least 16 and columns at least 1")
-    from pipeline.model.loading import RandomWeightsWarning
+    from pipeline.model.loading import random_weights_said_elsewhere
 
     text, model, scoring, storage = configs_from_args(args)
-    with warnings.catch_warnings():  # the note below says it, after the result
-        warnings.simplefilter("ignore", RandomWeightsWarning)
+    with random_weights_said_elsewhere():  # the note below says it, after the result
         explanation = explain_image(args.image, text, model, scoring, storage, args.id)
     save_png(render(explanation, args.panel_width, args.columns), args.output, storage)
     label = _top(explanation.names, explanation.scores.lgca[0].numpy(), 1)[0][0]

@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -74,11 +73,10 @@ def query_vector(args: argparse.Namespace, source: SearchSource, storage: Storag
     """The normalised ``[D]`` query: the text through the model's text tower, or the image's ``k_0``."""
     from pipeline.method.engine import ImageEncoder, ImageInput
     from pipeline.method.textbank import encode_texts
-    from pipeline.model.loading import RandomWeightsWarning, load_model, random_weights_note
+    from pipeline.model.loading import load_model, random_weights_note, random_weights_said_elsewhere
 
     device = given_options(args, ("device",))["model"].get("device", "auto")  # where the query is encoded
-    with warnings.catch_warnings():  # said once below, on stderr (stdout may be CSV or JSON)
-        warnings.simplefilter("ignore", RandomWeightsWarning)
+    with random_weights_said_elsewhere():  # said once below, on stderr (stdout may be CSV or JSON)
         loaded = load_model(ModelConfig(name=source.model, pretrained=source.pretrained, device=device), storage)
     if source.pretrained.lower() == "none":
         print(f"note: {random_weights_note(loaded.name)}", file=sys.stderr)

@@ -13,7 +13,6 @@ import logging
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
@@ -50,10 +49,9 @@ class CountedLabelActor:
 
     def __init__(self, progress: ray.actor.ActorHandle | None, **label_actor_kwargs: Any) -> None:
         from pipeline.distributed.actor import LabelActor
-        from pipeline.model.loading import RandomWeightsWarning
+        from pipeline.model.loading import random_weights_said_elsewhere
 
-        with warnings.catch_warnings():  # the driver said it once for the whole run
-            warnings.simplefilter("ignore", RandomWeightsWarning)
+        with random_weights_said_elsewhere():  # the driver said it once for the whole run
             self.actor = LabelActor(**label_actor_kwargs)
         self.progress = progress
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +30,8 @@ from pipeline.distributed.actor import RelabelContext
 from pipeline.distributed.job import RunSummary, new_run_id, package_versions, start_ray
 from pipeline.method.engine import Scorer
 from pipeline.model.classes import ClassSet, load_class_set
-from pipeline.model.loading import RandomWeightsWarning, check_weights, load_model, model_embed_dim, random_weights_note
+from pipeline.model.loading import (check_weights, load_model, model_embed_dim, random_weights_note,
+                                     random_weights_said_elsewhere)
 from pipeline.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,7 @@ def text_context(job: RelabelJob, prepared: Prepared, run_id: str) -> RelabelCon
     model is loaded, as open_clip builds it, but its image tower is never run; it is freed once
     the bank is built)."""
     image, clock = prepared.source.image, time.monotonic()
-    with warnings.catch_warnings():  # said once below, as lgca label says it
-        warnings.simplefilter("ignore", RandomWeightsWarning)
+    with random_weights_said_elsewhere():  # said once below, as lgca label says it
         loaded = load_model(job.model.config(image["model"], image["pretrained"]), job.storage)
     if str(image["pretrained"]).lower() == "none":
         log.warning("%s", random_weights_note(loaded.name))

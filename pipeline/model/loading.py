@@ -376,6 +376,14 @@ def _check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError(f"precision: the device is the CPU; {FP16_ON_CPU}")
 
 
+@contextlib.contextmanager
+def random_weights_said_elsewhere() -> Iterator[None]:
+    """Models loaded inside do not warn of random weights: the caller says it once its own way."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        yield
+
+
 def random_weights_note(name: str) -> str:
     """The one line a run's driver logs when ``--pretrained none`` gives ``name`` random weights."""
     return (f"pretrained none: {name} has random weights (drawn from seed {RANDOM_WEIGHTS_SEED}, the same in "
